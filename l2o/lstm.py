@@ -1,0 +1,148 @@
+"""The learned optimizer of Andrychowicz et al. (2016): a coordinatewise two-layer LSTM.
+
+Every coordinate of every parameter tensor is one row of a single batched LSTM call, with its own
+hidden state and shared weights: no Python loop over tensors or coordinates. It implements the
+optimizer protocol of :mod:`l2o.optimizers`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l2o.optimizers import Params, State
+
+
+def preprocess(g: Tensor, p: float) -> Tensor:
+    """Andrychowicz et al., appendix A: (log|g|/p, sign g) if |g| >= e^-p, else (-1, e^p g)."""
+    big = g.abs() >= math.exp(-p)
+    log_part = torch.where(big, g.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(g))
+    sign_part = torch.where(big, torch.sign(g), g * math.exp(p))
+    return torch.stack((log_part, sign_part), dim=-1)
+
+
+class LSTMOptimizer(nn.Module):
+    """Coordinatewise LSTM optimizer.
+
+    Args:
+        hidden_size: LSTM width (20 in the study).
+        num_layers: stacked LSTM cells (2 in the study).
+        preprocess_p: p of the log/sign gradient preprocessing (10 in the study).
+        output_scale: the linear head's output is multiplied by this (0.1 in the study).
+        compile: run the LSTM through ``torch.compile`` (fuses the gate arithmetic; about 1.7x
+            faster meta-training on a 2-core CPU, after ~10 s of compilation per shape).
+    """
+
+    name = "l2o"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        preprocess_p: float = 10.0,
+        output_scale: float = 0.1,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_layers < 1:
+            raise ValueError("hidden_size and num_layers must be >= 1")
+        if preprocess_p <= 0:
+            raise ValueError("preprocess_p must be > 0")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.preprocess_p = preprocess_p
+        self.output_scale = output_scale
+        self.compile = compile
+        self._compiled = None
+        self.cells = nn.ModuleList(
+            nn.LSTMCell(2 if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
+        )
+        self.head = nn.Linear(hidden_size, 1)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "preprocess_p": self.preprocess_p,
+            "output_scale": self.output_scale,
+        }
+
+    def init_state(self, params: Params) -> State:
+        n = sum(p.numel() for p in params)
+        ref = params[0]
+        zeros = ref.new_zeros(self.num_layers, n, self.hidden_size)
+        return {"h": zeros, "c": zeros.clone(), "shapes": tuple(tuple(p.shape) for p in params)}
+
+    def update(self, grads: Params, state: State, params: Params | None = None):
+        shapes = state["shapes"]
+        lead = grads[0].shape[: grads[0].dim() - len(shapes[0])]
+        flat = torch.cat([g.reshape(*lead, -1) for g in grads], dim=-1)
+        n = flat.shape[-1]
+        k = flat.numel() // n  # number of gradients replayed against this one state
+        h, c = state["h"], state["c"]
+        if k > 1:  # the same state for each replayed gradient
+            h = h.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
+            c = c.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
+        core = self._core
+        if self.compile and k == 1:
+            if self._compiled is None:
+                self._compiled = torch.compile(_core, dynamic=False)
+            core = self._compiled
+        out, new_h, new_c = core(flat.reshape(-1), h, c, self.preprocess_p, *self._weights())
+        out = (out * self.output_scale).view(*lead, n)
+        updates = tuple(
+            u.reshape(*lead, *shape)
+            for u, shape in zip(out.split([math.prod(s) for s in shapes], dim=-1), shapes)
+        )
+        if k > 1:  # a replay: there is no single next state
+            return updates, state
+        return updates, {"h": new_h, "c": new_c, "shapes": shapes}
+
+    def _weights(self) -> list[Tensor]:
+        ws: list[Tensor] = []
+        for cell in self.cells:
+            ws += [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+        return ws + [self.head.weight, self.head.bias]
+
+    @staticmethod
+    def _core(flat, h, c, p, *weights):
+        """Eager path: torch's LSTM cell kernel (4x faster than spelled-out gates on CPU)."""
+        x = preprocess(flat, p)
+        hs, cs = [], []
+        for layer in range(h.shape[0]):
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+            x, cl = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
+            hs.append(x)
+            cs.append(cl)
+        out = torch.nn.functional.linear(x, weights[-2], weights[-1]).squeeze(-1)
+        return out, torch.stack(hs), torch.stack(cs)
+
+    def __getstate__(self):  # a compiled function does not pickle (DDP spawn, deepcopy)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_compiled": None}
+
+
+def _core(flat, h, c, p, *weights):
+    """The same arithmetic spelled out, so that torch.compile can fuse the gate math."""
+    x = preprocess(flat, p)
+    hs, cs = [], []
+    for layer in range(h.shape[0]):
+        w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+        gates = x @ w_ih.t() + h[layer] @ w_hh.t() + (b_ih + b_hh)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        cl = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+        x = torch.sigmoid(o) * torch.tanh(cl)
+        hs.append(x)
+        cs.append(cl)
+    out = torch.nn.functional.linear(x, weights[-2], weights[-1]).squeeze(-1)
+    return out, torch.stack(hs), torch.stack(cs)
+
+
+def detach_state(state: Any) -> Any:
+    """Detach every tensor of a (nested) optimizer state: the truncation of TBPTT."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.detach() if isinstance(t, Tensor) else t, state
+    )

@@ -1,0 +1,204 @@
+"""One optimizer protocol for the learned optimizer and every baseline.
+
+An optimizer is a pair of pure functions::
+
+    state = opt.init_state(params)
+    updates, new_state = opt.update(grads, state, params)   # params: only for weight decay
+
+and the optimizee takes ``params + updates`` (so plain SGD returns ``-lr * grads``). Nothing is
+mutated, so an analysis can *replay* an update on any gradient with the current state without
+advancing it. ``update`` also accepts gradients with extra leading dimensions (a batch of
+gradients, e.g. per-sample ones) against one state: it then returns a batch of updates. That is
+how the covariance and tail-index analyses get per-sample and per-minibatch updates in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Params = tuple[Tensor, ...]
+State = dict[str, Any]
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    name: str
+
+    def init_state(self, params: Params) -> State: ...
+
+    def update(
+        self, grads: Params, state: State, params: Params | None = None
+    ) -> tuple[Params, State]: ...
+
+
+def apply_updates(params: Params, updates: Params) -> Params:
+    return tuple(p + u for p, u in zip(params, updates))
+
+
+def replay(
+    opt: Optimizer,
+    grads: Params,
+    state: State,
+    params: Params | None = None,
+    chunk_size: int | None = None,
+) -> Params:
+    """Updates for a batch of gradients (leading dim N) under one state, chunked for memory.
+
+    The state is not advanced. ``chunk_size=None`` does all N in one call.
+    """
+    n = grads[0].shape[0]
+    chunk = n if chunk_size is None else max(1, chunk_size)
+    out: list[Params] = []
+    for start in range(0, n, chunk):
+        part = tuple(g[start : start + chunk] for g in grads)
+        out.append(opt.update(part, state, params)[0])
+    if len(out) == 1:
+        return out[0]
+    return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def _zeros(params: Params) -> Params:
+    return tuple(torch.zeros_like(p) for p in params)
+
+
+def _check_lr(lr: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+
+
+# --------------------------------------------------------------------------- baselines
+@dataclass(frozen=True)
+class SGD:
+    """torch.optim.SGD semantics (momentum buffer starts as the first gradient)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    name: str = "sgd"
+
+    def __post_init__(self) -> None:
+        _check_lr(self.lr)
+
+    def init_state(self, params: Params) -> State:
+        return {"step": 0, "momentum": _zeros(params)}
+
+    def update(self, grads, state, params=None):
+        if self.weight_decay:
+            grads = tuple(g + self.weight_decay * p for g, p in zip(grads, _need(params)))
+        if self.momentum == 0:
+            return tuple(-self.lr * g for g in grads), {**state, "step": state["step"] + 1}
+        if state["step"] == 0:
+            bufs = grads
+        else:
+            bufs = tuple(
+                self.momentum * b + (1 - self.dampening) * g
+                for b, g in zip(state["momentum"], grads)
+            )
+        direction = (
+            tuple(g + self.momentum * b for g, b in zip(grads, bufs)) if self.nesterov else bufs
+        )
+        new_state = {"step": state["step"] + 1, "momentum": bufs}
+        return tuple(-self.lr * d for d in direction), new_state
+
+
+@dataclass(frozen=True)
+class Adam:
+    """torch.optim.Adam semantics (L2 weight decay added to the gradient)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    name: str = "adam"
+
+    def __post_init__(self) -> None:
+        _check_lr(self.lr)
+
+    def init_state(self, params: Params) -> State:
+        return {"step": 0, "exp_avg": _zeros(params), "exp_avg_sq": _zeros(params)}
+
+    def update(self, grads, state, params=None):
+        b1, b2 = self.betas
+        if self.weight_decay:
+            grads = tuple(g + self.weight_decay * p for g, p in zip(grads, _need(params)))
+        step = state["step"] + 1
+        m = tuple(b1 * m + (1 - b1) * g for m, g in zip(state["exp_avg"], grads))
+        v = tuple(b2 * v + (1 - b2) * g * g for v, g in zip(state["exp_avg_sq"], grads))
+        step_size = self.lr / (1 - b1**step)
+        bc2_sqrt = (1 - b2**step) ** 0.5
+        updates = tuple(-step_size * mi / (vi.sqrt() / bc2_sqrt + self.eps) for mi, vi in zip(m, v))
+        return updates, {"step": step, "exp_avg": m, "exp_avg_sq": v}
+
+
+@dataclass(frozen=True)
+class Lion:
+    """Lion (Chen et al. 2023): sign of interpolated momentum, decoupled weight decay."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    name: str = "lion"
+
+    def __post_init__(self) -> None:
+        _check_lr(self.lr)
+
+    def init_state(self, params: Params) -> State:
+        return {"step": 0, "exp_avg": _zeros(params)}
+
+    def update(self, grads, state, params=None):
+        b1, b2 = self.betas
+        direction = tuple(torch.sign(b1 * m + (1 - b1) * g) for m, g in zip(state["exp_avg"], grads))
+        if self.weight_decay:
+            direction = tuple(d + self.weight_decay * p for d, p in zip(direction, _need(params)))
+        m = tuple(b2 * m + (1 - b2) * g for m, g in zip(state["exp_avg"], grads))
+        return tuple(-self.lr * d for d in direction), {"step": state["step"] + 1, "exp_avg": m}
+
+
+@dataclass(frozen=True)
+class LionSGD:
+    """lion_weight * Lion update + (1 - lion_weight) * SGD update, each with its own state."""
+
+    lion: Lion = Lion()
+    sgd: SGD = SGD()
+    lion_weight: float = 0.5
+    name: str = "lion_sgd"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lion_weight <= 1.0:
+            raise ValueError(f"lion_weight must be in [0, 1], got {self.lion_weight}")
+
+    def init_state(self, params: Params) -> State:
+        return {"lion": self.lion.init_state(params), "sgd": self.sgd.init_state(params)}
+
+    def update(self, grads, state, params=None):
+        u_lion, s_lion = self.lion.update(grads, state["lion"], params)
+        u_sgd, s_sgd = self.sgd.update(grads, state["sgd"], params)
+        w = self.lion_weight
+        updates = tuple(w * a + (1 - w) * b for a, b in zip(u_lion, u_sgd))
+        return updates, {"lion": s_lion, "sgd": s_sgd}
+
+
+def _need(params: Params | None) -> Params:
+    if params is None:
+        raise ValueError("weight decay needs the current params: call update(grads, state, params)")
+    return params
+
+
+BASELINES = {"sgd": SGD, "adam": Adam, "lion": Lion, "lion_sgd": LionSGD}
+
+
+def make_baseline(name: str, lr: float, **kwargs: Any) -> Optimizer:
+    """Build a baseline by name; for lion_sgd, ``lr`` is the SGD rate and ``lion_lr`` Lion's."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown optimizer {name!r}; baselines are {sorted(BASELINES)}")
+    if name == "lion_sgd":
+        lion_lr = kwargs.pop("lion_lr", 1e-4)
+        momentum = kwargs.pop("momentum", 0.0)
+        return LionSGD(Lion(lr=lion_lr), SGD(lr=lr, momentum=momentum), **kwargs)
+    return BASELINES[name](lr=lr, **kwargs)
