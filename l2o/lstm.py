@@ -143,6 +143,4 @@ def _core(flat, h, c, p, *weights):
 
 def detach_state(state: Any) -> Any:
     """Detach every tensor of a (nested) optimizer state: the truncation of TBPTT."""
-    return torch.utils._pytree.tree_map(
-        lambda t: t.detach() if isinstance(t, Tensor) else t, state
-    )
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)

@@ -153,7 +153,9 @@ class Lion:
 
     def update(self, grads, state, params=None):
         b1, b2 = self.betas
-        direction = tuple(torch.sign(b1 * m + (1 - b1) * g) for m, g in zip(state["exp_avg"], grads))
+        direction = tuple(
+            torch.sign(b1 * m + (1 - b1) * g) for m, g in zip(state["exp_avg"], grads)
+        )
         if self.weight_decay:
             direction = tuple(d + self.weight_decay * p for d, p in zip(direction, _need(params)))
         m = tuple(b2 * m + (1 - b2) * g for m, g in zip(state["exp_avg"], grads))

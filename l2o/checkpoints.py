@@ -1,0 +1,48 @@
+"""Loading learned optimizers from meta-training checkpoints, safely and with clear errors."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from l2o.lstm import LSTMOptimizer
+from l2o.optimizees import MLPOptimizee, build_optimizee
+
+
+class CheckpointError(ValueError):
+    """The file is not a readable l2o-dynamics learned-optimizer checkpoint."""
+
+
+def load_learned_optimizer(path: str | Path) -> tuple[LSTMOptimizer, MLPOptimizee]:
+    """(the LSTM optimizer in eval mode, the optimizee family it was meta-trained on).
+
+    Reads with ``weights_only=True``: a checkpoint cannot run code when it is loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
+        raise CheckpointError(
+            f"could not read {path}: not a PyTorch checkpoint, corrupt, or it holds objects "
+            f"that weights_only loading refuses ({type(err).__name__}: {str(err)[:200]})"
+        ) from err
+    if not isinstance(ckpt, dict) or "l2o" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not an l2o-dynamics learned-optimizer checkpoint (no 'l2o' entry; "
+            f"found {keys}); use a checkpoint written by `python train.py fit`"
+        )
+    meta = ckpt["l2o"]
+    net = LSTMOptimizer(**meta["optimizer_config"])
+    prefix = "optimizer."
+    weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the LSTM weights do not fit its config: {err}") from err
+    return net.eval(), build_optimizee(meta["optimizee"])
