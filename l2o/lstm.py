@@ -82,12 +82,13 @@ class LSTMOptimizer(nn.Module):
         flat = torch.cat([g.reshape(*lead, -1) for g in grads], dim=-1)
         n = flat.shape[-1]
         k = flat.numel() // n  # number of gradients replayed against this one state
+        replaying = len(lead) > 0
         h, c = state["h"], state["c"]
-        if k > 1:  # the same state for each replayed gradient
+        if replaying:  # the same state for each replayed gradient
             h = h.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
             c = c.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
         core = self._core
-        if self.compile and k == 1:
+        if self.compile and not replaying:
             if self._compiled is None:
                 self._compiled = torch.compile(_core, dynamic=False)
             core = self._compiled
@@ -97,7 +98,7 @@ class LSTMOptimizer(nn.Module):
             u.reshape(*lead, *shape)
             for u, shape in zip(out.split([math.prod(s) for s in shapes], dim=-1), shapes)
         )
-        if k > 1:  # a replay: there is no single next state
+        if replaying:  # there is no single next state
             return updates, state
         return updates, {"h": new_h, "c": new_c, "shapes": shapes}
 

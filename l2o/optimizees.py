@@ -14,8 +14,8 @@ followed by the output layer ``W_L (P, C, in), b_L (P, C)`` whose logits go thro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -84,6 +84,8 @@ class SGD:
 
     def __post_init__(self) -> None:
         _check_lr(self.lr)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening == 0")
 
     def init_state(self, params: Params) -> State:
         return {"step": 0, "momentum": _zeros(params)}
@@ -93,8 +95,8 @@ class SGD:
             grads = tuple(g + self.weight_decay * p for g, p in zip(grads, _need(params)))
         if self.momentum == 0:
             return tuple(-self.lr * g for g in grads), {**state, "step": state["step"] + 1}
-        if state["step"] == 0:
-            bufs = grads
+        if state["step"] == 0:  # torch's buffer starts as a copy of the first gradient
+            bufs = tuple(g.clone() for g in grads)
         else:
             bufs = tuple(
                 self.momentum * b + (1 - self.dampening) * g
@@ -196,11 +198,29 @@ BASELINES = {"sgd": SGD, "adam": Adam, "lion": Lion, "lion_sgd": LionSGD}
 
 
 def make_baseline(name: str, lr: float, **kwargs: Any) -> Optimizer:
-    """Build a baseline by name; for lion_sgd, ``lr`` is the SGD rate and ``lion_lr`` Lion's."""
+    """Build a baseline by name.
+
+    For ``lion_sgd``, ``lr`` is the SGD part's rate; ``lion_lr`` (default 1e-4), ``lion_betas``,
+    ``lion_weight_decay`` configure the Lion part, ``momentum`` (default 0.9), ``nesterov``,
+    ``weight_decay`` the SGD part, and ``lion_weight`` the mix.
+    """
     if name not in BASELINES:
         raise ValueError(f"unknown optimizer {name!r}; baselines are {sorted(BASELINES)}")
     if name == "lion_sgd":
-        lion_lr = kwargs.pop("lion_lr", 1e-4)
-        momentum = kwargs.pop("momentum", 0.0)
-        return LionSGD(Lion(lr=lion_lr), SGD(lr=lr, momentum=momentum), **kwargs)
-    return BASELINES[name](lr=lr, **kwargs)
+        lion = {
+            k.removeprefix("lion_"): kwargs.pop(k)
+            for k in list(kwargs)
+            if k in ("lion_lr", "lion_betas", "lion_weight_decay")
+        }
+        sgd = {
+            k: kwargs.pop(k)
+            for k in list(kwargs)
+            if k in ("momentum", "dampening", "nesterov", "weight_decay")
+        }
+        if set(kwargs) - {"lion_weight"}:
+            raise ValueError(f"unknown lion_sgd option(s) {sorted(set(kwargs) - {'lion_weight'})}")
+        return LionSGD(Lion(**{"lr": 1e-4, **lion}), SGD(lr=lr, **sgd), **kwargs)
+    try:
+        return BASELINES[name](lr=lr, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad option for {name}: {err}") from err
