@@ -192,7 +192,7 @@ def run_experiment(
                 f"tuned {entry.label}: lr = {entry.lr:g} ({time.time() - t0:.0f} s; grid "
                 f"criterion: summed train loss of the first {tune['steps']} steps)"
             )
-    _write_layout(out, analyses or {})
+    _write_layout(out, optimizee, make_callbacks(analyses or {}))
     histories: dict[str, list[dict]] = {}
     samples: dict[str, list[dict]] = {}
     jobs = [(e, s) for e in entries for s in range(seeds)]
@@ -243,21 +243,20 @@ def run_experiment(
     return summary
 
 
-def _write_layout(out: Path, analyses: dict[str, Any]) -> None:
-    """A TensorBoard custom-scalars layout: each analysis' curves of all optimizers on one
-    chart (the regex matches the tag in every run below ``out``)."""
+def _write_layout(out: Path, optimizee: MLPOptimizee, callbacks: list[L.Callback]) -> None:
+    """A TensorBoard custom-scalars layout: each analysis on one chart, where the curves of all
+    optimizers and seeds overlay (one run each below ``out``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from callbacks import tags_by_category
+    from callbacks import custom_scalars_layout
 
     layout = {
         "meta_test": {
-            t: ["Multiline", [f"^meta_test/{t}$"]]
+            t: ["Multiline", [f"meta_test/{t}"]]
             for t in ("train_loss", "train_acc", "test_loss", "test_acc")
         }
     }
-    for category, tags in tags_by_category().items():
-        layout[category] = {tag: ["Multiline", [f"^{tag}$"]] for tag in tags}
+    layout.update(custom_scalars_layout(optimizee, callbacks))
     layout_dir = out / "_layout"
     if layout_dir.exists():
         shutil.rmtree(layout_dir)

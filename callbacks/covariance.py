@@ -1,0 +1,106 @@
+"""Covariance of per-sample updates and gradients, logged under ``covariance/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from callbacks.base import MetaTestCallback
+from l2o.covariance import covariance_analysis
+from l2o.optimizees import MLPOptimizee
+
+STATISTICS = ("top_eig", "trace")
+
+
+class UpdateCovariance(MetaTestCallback):
+    """Top eigenvalue and trace of the covariance of per-sample updates (and of gradients).
+
+    At an analysed step, ``N`` samples of the training split give per-sample gradients ``g_i``
+    and, replayed through the optimizer protocol with the step's state (not advanced), per-sample
+    updates ``u_i``. With ``g`` the full-batch gradient of the ``N`` samples and ``U(g)`` its
+    update under the same state (``l2o.covariance.covariance_analysis``)::
+
+        K_update = 1/N sum_i (u_i - U(g)) (u_i - U(g))^T      covariance/update/<top_eig|trace>
+        K_grad   = 1/N sum_i (g_i - g) (g_i - g)^T            covariance/grad/<top_eig|trace>
+
+    With BatchNorm each sample's gradient is taken inside the batch of the ``N`` samples (batch
+    statistics couple them; see ``l2o.covariance.per_sample_grads``). For plain SGD without
+    momentum ``K_update = lr^2 K_grad``.
+
+    Args:
+        every_n_steps: analyse every this many optimizee steps (and always step 1).
+        num_samples: N, capped at the training split's size (``None``: the whole split). The
+            same samples are used at every analysed step.
+        seed: ``None`` takes the first N examples of the split; an integer a seeded random
+            subset of N.
+        chunk_size: samples per vectorized call (gradients' Jacobian with BatchNorm, optimizer
+            replay); ``None`` lets ``l2o.covariance`` pick a memory-bounded default.
+        method: spectrum method of ``l2o.covariance.update_covariance`` (``auto``, ``gram``,
+            ``lanczos``).
+    """
+
+    tag_prefix = "covariance/"
+    needs_training_split = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        num_samples: int | None = 1024,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        method: str = "auto",
+    ) -> None:
+        super().__init__(every_n_steps)
+        if num_samples is not None and num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (or None), got {num_samples}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
+        if method not in ("auto", "gram", "lanczos"):
+            raise ValueError(f"method must be 'auto', 'gram' or 'lanczos', got {method!r}")
+        self.num_samples, self.seed = num_samples, seed
+        self.chunk_size, self.method = chunk_size, method
+        self._cache: tuple[str, tuple[Tensor, Tensor]] | None = None
+
+    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
+        return [f"{self.tag_prefix}{k}/{s}" for k in ("update", "grad") for s in STATISTICS]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._cache = None
+        if len(trainer.datamodule.train_x) < 2:
+            raise ValueError("UpdateCovariance needs at least 2 training examples")
+
+    def analysis_set(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The N samples ``(N, D)``, ``(N,)`` (cached per device)."""
+        if self._cache is not None and self._cache[0] == str(device):
+            return self._cache[1]
+        x, y = trainer.datamodule.train_x, trainer.datamodule.train_y
+        n = len(x) if self.num_samples is None else min(self.num_samples, len(x))
+        if self.seed is None:
+            idx = torch.arange(n)
+        else:
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:n]
+        pair = (x[idx].to(device), y[idx].to(device))
+        self._cache = (str(device), pair)
+        return pair
+
+    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
+        x, y = self.analysis_set(trainer, snapshot.params[0].device)
+        res = covariance_analysis(
+            pl_module.optimizee,
+            pl_module.optimizer,
+            snapshot.state,
+            snapshot.params,
+            x,
+            y,
+            chunk_size=self.chunk_size,
+            method=self.method,
+        )
+        return {
+            f"{self.tag_prefix}{k}/{s}": float(res[f"{k}_{s}"])
+            for k in ("update", "grad")
+            for s in STATISTICS
+        }

@@ -1,0 +1,160 @@
+"""Tail index of minibatch gradient and update noise, logged under ``tail_index/``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from callbacks.base import MetaTestCallback, flatten_params
+from l2o.covariance import per_sample_updates
+from l2o.optimizees import MLPOptimizee, Params
+from l2o.tail_index import noise_alphas
+
+STATISTICS = ("pooled", "robust", "zero_fraction")
+
+
+def minibatch_grads(
+    optimizee: MLPOptimizee,
+    params: Params,
+    xb: Tensor,
+    yb: Tensor,
+    chunk_size: int | None = None,
+) -> Params:
+    """Gradient of each minibatch's mean loss: ``xb (n, B, D), yb (n, B)`` -> tuple of ``(n, *p)``.
+
+    ``params`` are the meta-test optimizee's ``(1, ...)`` tensors. One vectorized call
+    (``torch.func.vmap`` of ``torch.func.grad`` over minibatches); with BatchNorm each minibatch
+    normalises with its own batch statistics, exactly as in the training step.
+    """
+    params = tuple(p.detach() for p in params)
+
+    def loss_of(ps: Params, x: Tensor, y: Tensor) -> Tensor:
+        return optimizee.loss(ps, x.unsqueeze(0), y.unsqueeze(0)).sum()
+
+    with torch.enable_grad():
+        grad_fn = torch.func.vmap(
+            torch.func.grad(loss_of), in_dims=(None, 0, 0), chunk_size=chunk_size
+        )
+        return tuple(g.detach() for g in grad_fn(params, xb, yb))
+
+
+class TailIndex(MetaTestCallback):
+    """Tail index alpha of minibatch noise in the gradient and in the optimizer's update.
+
+    At an analysed step, the analysis set (the datamodule's training split ``train_x, train_y``,
+    in order, cut to ``n`` whole minibatches of the run's batch size ``B = snapshot.x.shape[1]``,
+    at most ``analysis_batches`` of them) is split into its ``n`` disjoint minibatches, and
+
+    * gradient noise: each minibatch's gradient minus the full-batch gradient;
+    * update noise: the optimizer's update for each minibatch gradient (replayed through the
+      protocol with the step's state and params, which advances nothing:
+      ``l2o.covariance.per_sample_updates``, i.e. ``l2o.optimizers.replay`` in memory-bounded
+      chunks, with an equivalent fast path for the LSTM optimizer) minus its update for the
+      full-batch gradient.
+
+    The full-batch gradient is the **mean of the minibatch gradients**. The minibatches partition
+    the analysis set with equal sizes, so without BatchNorm this is exactly the gradient of the
+    mean loss over the set; with BatchNorm it is the gradient the optimizer sees on average
+    (batch statistics of size ``B``), not that of one batch of ``n * B`` examples, whose
+    statistics would differ. The noise rows therefore sum to zero in both cases.
+
+    ``l2o.tail_index.noise_alphas`` of each ``(n, D)`` noise matrix is logged as::
+
+        tail_index/<grad|update>/pooled          all coordinates (as in the seed code)
+        tail_index/<grad|update>/robust          nonzero coordinates only
+        tail_index/<grad|update>/zero_fraction   fraction of exactly-zero noise coordinates
+
+    An estimate that cannot be made (fewer than 4 nonzero noise coordinates, e.g. a sign-based
+    update that is identical on every minibatch) is logged as NaN with a warning.
+
+    Args:
+        every_n_steps: analyse every this many optimizee steps (and always step 1).
+        analysis_batches: cap on the number of minibatches (``None``: all whole minibatches of
+            the training split, e.g. 468 of 128 for MNIST's 60,000 images). Must be >= 2.
+        chunk_size: minibatches per vectorized gradient call and per optimizer call of the
+            replay (``None``: all gradients in one call, and ``l2o.covariance``'s memory-bounded
+            default chunk for the replay).
+    """
+
+    tag_prefix = "tail_index/"
+    needs_training_split = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        analysis_batches: int | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(every_n_steps)
+        if analysis_batches is not None and analysis_batches < 2:
+            raise ValueError(f"analysis_batches must be >= 2 (or None), got {analysis_batches}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
+        self.analysis_batches, self.chunk_size = analysis_batches, chunk_size
+        self._cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+
+    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
+        return [f"{self.tag_prefix}{k}/{s}" for k in ("grad", "update") for s in STATISTICS]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._cache = None
+
+    def analysis_set(
+        self, trainer: L.Trainer, batch_size: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """The training split as ``(n, B, D)``, ``(n, B)`` minibatches (cached per B, device)."""
+        key = (batch_size, str(device))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        x, y = trainer.datamodule.train_x, trainer.datamodule.train_y
+        n = len(x) // batch_size
+        if self.analysis_batches is not None:
+            n = min(n, self.analysis_batches)
+        if n < 2:
+            raise ValueError(
+                f"TailIndex: the training split has {len(x)} examples, fewer than 2 minibatches "
+                f"of the run's batch size {batch_size}; minibatch noise needs at least 2"
+            )
+        xb = x[: n * batch_size].reshape(n, batch_size, -1).to(device)
+        yb = y[: n * batch_size].reshape(n, batch_size).to(device)
+        self._cache = (key, (xb, yb))
+        return xb, yb
+
+    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
+        params, state = snapshot.params, snapshot.state
+        xb, yb = self.analysis_set(trainer, snapshot.x.shape[1], params[0].device)
+        grads = minibatch_grads(pl_module.optimizee, params, xb, yb, self.chunk_size)
+        full = tuple(g.mean(dim=0) for g in grads)
+        opt = pl_module.optimizer
+        # The full-batch gradient rides along as the last row of one replay (= l2o.optimizers.
+        # replay in chunks, with a fast path for the LSTM optimizer), so that every update takes
+        # the same arithmetic path: a coordinate whose gradient is the same on every minibatch
+        # (e.g. a blank pixel's weights) then has exactly zero update noise, as it should. A
+        # separate opt.update call can differ from the fast path by float rounding (~1e-9), and
+        # those fake nonzeros would drag the robust estimate down.
+        both = tuple(torch.cat([g, f.unsqueeze(0)]) for g, f in zip(grads, full))
+        updates = flatten_params(per_sample_updates(opt, both, state, params, self.chunk_size), 1)
+        noise = {
+            "grad": flatten_params(grads, 1) - flatten_params(full),
+            "update": updates[:-1] - updates[-1],
+        }
+        out: dict[str, float] = {}
+        for kind, rows in noise.items():
+            try:
+                alphas = noise_alphas(rows)
+            except ValueError as err:
+                warnings.warn(
+                    f"TailIndex: no {kind} tail index at step {snapshot.step} ({err}); logging NaN",
+                    stacklevel=2,
+                )
+                zero = float((rows == 0).double().mean())
+                alphas = {"pooled": math.nan, "robust": math.nan, "zero_fraction": zero}
+            for stat in STATISTICS:
+                out[f"{self.tag_prefix}{kind}/{stat}"] = float(alphas[stat])
+        return out

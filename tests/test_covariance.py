@@ -1,0 +1,183 @@
+"""Per-sample gradients/updates and the covariance spectrum against brute-force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from l2o.covariance import (
+    covariance_analysis,
+    flatten,
+    per_sample_grads,
+    per_sample_updates,
+    update_covariance,
+)
+from l2o.lstm import LSTMOptimizer
+from l2o.optimizees import MLPOptimizee, grads_of
+from l2o.optimizers import SGD, Adam, replay
+
+
+def _data(n, features, classes=3, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return x, y
+
+
+def _loop_grads(optimizee, params, x, y):
+    """Reference: one autograd call per sample (a batch of one); x (P, N, in), y (P, N)."""
+    out = []
+    for i in range(x.shape[1]):
+        _, g = grads_of(optimizee.loss, params, x[:, i : i + 1], y[:, i : i + 1])
+        out.append(g)
+    return tuple(torch.stack(parts) for parts in zip(*out))
+
+
+def _close(a, b, tol):
+    for s, t in zip(a, b, strict=True):
+        assert s.shape == t.shape
+        torch.testing.assert_close(s, t, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("population", [1, 2])
+def test_per_sample_grads_match_loop_and_average_to_batch_grad(population):
+    opt = MLPOptimizee((6, 5, 4, 3), activation="leaky_relu", negative_slope=0.1)
+    params = opt.init(population, torch.Generator().manual_seed(1), dtype=torch.float64)
+    x, y = _data(12, 6)
+    got = per_sample_grads(opt, params, x, y, chunk_size=5)
+    assert [g.shape for g in got] == [(12, population, *s) for s in opt.shapes]
+    xp, yp = x.expand(population, -1, -1), y.expand(population, -1)
+    _close(got, _loop_grads(opt, params, xp, yp), 1e-6)
+    _, batch = grads_of(opt.loss, params, xp, yp)
+    _close(tuple(g.mean(0) for g in got), batch, 1e-6)
+
+
+def test_per_sample_grads_per_member_data():
+    """x of shape (P, N, in): each member sees its own batch."""
+    opt = MLPOptimizee((4, 3, 3))
+    params = opt.init(2, torch.Generator().manual_seed(2), dtype=torch.float64)
+    x, y = _data(10, 4)
+    x2, y2 = torch.stack([x, -x]), torch.stack([y, y.flip(0)])
+    got = per_sample_grads(opt, params, x2, y2)
+    _, batch = grads_of(opt.loss, params, x2, y2)
+    _close(tuple(g.mean(0) for g in got), batch, 1e-10)
+
+
+def test_batchnorm_per_sample_grads_inside_the_full_batch():
+    opt = MLPOptimizee((5, 4, 3), activation="relu", batchnorm=True)
+    params = opt.init(1, torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = (*params[:2], params[2] + 0.3, params[3] - 0.2, *params[4:])  # non-trivial affine
+    x, y = _data(9, 5)
+    got = per_sample_grads(opt, params, x, y, chunk_size=4)
+    leaves = tuple(p.detach().requires_grad_(True) for p in params)
+    with torch.enable_grad():
+        losses = opt.losses(leaves, x[None], y[None])[0]
+        loop = [torch.autograd.grad(losses[i], leaves, retain_graph=True) for i in range(9)]
+    _close(got, tuple(torch.stack(parts) for parts in zip(*loop)), 1e-6)
+    _, batch = grads_of(opt.loss, params, x[None], y[None])
+    _close(tuple(g.mean(0) for g in got), batch, 1e-10)
+    # A batch of one would differ: the samples are coupled through the batch statistics.
+    single = per_sample_grads(
+        MLPOptimizee((5, 4, 3), activation="relu"), params[:2] + params[4:], x, y
+    )
+    assert not torch.allclose(got[0], single[0])
+
+
+def _dense_reference(updates, center):
+    a = updates - (updates.mean(0) if center is None else center)
+    k = a.t() @ a / a.shape[0]  # the explicit D x D matrix, fine for a tiny model
+    return float(torch.linalg.eigvalsh(k)[-1]), float(torch.trace(k))
+
+
+@pytest.mark.parametrize("method", ["gram", "lanczos"])
+@pytest.mark.parametrize("n", [15, 80])  # N < D and N > D: both sides of the operator
+def test_spectrum_matches_dense_eigendecomposition(method, n):
+    opt = MLPOptimizee((6, 5, 3))  # D = 53
+    params = opt.init(1, torch.Generator().manual_seed(4), dtype=torch.float64)
+    x, y = _data(n, 6)
+    grads = flatten(per_sample_grads(opt, params, x, y))
+    center = grads[0] * 0.3  # an arbitrary center, not the mean
+    for c in (center, None):
+        top, trace = _dense_reference(grads, c)
+        got = update_covariance(grads, c, method=method)
+        assert got["method"] == method and got["dim"] == 53 and got["num_samples"] == n
+        assert got["top_eig"] == pytest.approx(top, rel=1e-6)
+        assert got["trace"] == pytest.approx(trace, rel=1e-6)
+
+
+def test_auto_method_switches_at_gram_max_n():
+    a = torch.randn(40, 7, dtype=torch.float64)
+    assert update_covariance(a, gram_max_n=40)["method"] == "gram"
+    assert update_covariance(a, gram_max_n=39)["method"] == "lanczos"
+    assert update_covariance(torch.ones(5, 3))["top_eig"] == 0.0  # no spread at all
+
+
+def test_sgd_update_covariance_is_lr_squared_times_gradient_covariance():
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(5), dtype=torch.float64)
+    x, y = _data(30, 6)
+    sgd = SGD(lr=0.05, momentum=0.0)
+    for method in ("gram", "lanczos"):
+        got = covariance_analysis(opt, sgd, sgd.init_state(params), params, x, y, method=method)
+        assert got["update_top_eig"] == pytest.approx(0.05**2 * got["grad_top_eig"], rel=1e-6)
+        assert got["update_trace"] == pytest.approx(0.05**2 * got["grad_trace"], rel=1e-6)
+
+
+def test_update_covariance_is_centred_on_the_full_batch_update():
+    """Adam is nonlinear: the mean per-sample update is not the full-batch update."""
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(6), dtype=torch.float64)
+    x, y = _data(20, 6)
+    adam = Adam(lr=0.01)
+    state = adam.init_state(params)
+    got = covariance_analysis(opt, adam, state, params, x, y)
+    u = flatten(replay(adam, per_sample_grads(opt, params, x, y), state, params))
+    _, g = grads_of(opt.loss, params, x[None], y[None])
+    center = flatten(adam.update(g, state, params)[0])[0]
+    top, trace = _dense_reference(u, center)
+    assert got["update_top_eig"] == pytest.approx(top, rel=1e-6)
+    assert got["update_trace"] == pytest.approx(trace, rel=1e-6)
+    assert got["update_trace"] > update_covariance(u)["trace"] * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("block_rows", [2**13, 50])  # one block / many ragged blocks
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])  # dense blocks / gathered nonzeros paths
+def test_lstm_per_sample_updates_match_a_loop_of_single_updates(sparsity, block_rows, monkeypatch):
+    monkeypatch.setattr("l2o.covariance.BLOCK_ROWS", block_rows)
+    torch.manual_seed(7)
+    opt = MLPOptimizee((30, 8, 4))
+    params = opt.init(1)
+    lstm = LSTMOptimizer(hidden_size=6)
+    state = lstm.init_state(params)
+    # A state that is not all zeros, as after a few steps of training.
+    state = {**state, "h": torch.randn_like(state["h"]) * 0.5, "c": torch.randn_like(state["c"])}
+    x = torch.rand(16, 30) * (torch.rand(16, 30) >= sparsity)
+    y = torch.randint(0, 4, (16,))
+    grads = per_sample_grads(opt, params, x, y)
+    grads = (grads[0] * 1e-3, *grads[1:])  # reach the small-|g| branch of the preprocessing
+    with torch.no_grad():
+        loop = [lstm.update(tuple(g[i] for g in grads), state, params)[0] for i in range(16)]
+        loop = tuple(torch.stack(parts) for parts in zip(*loop))
+        protocol = replay(lstm, grads, state, params, chunk_size=5)
+        fast = per_sample_updates(lstm, grads, state, params)
+        slow = per_sample_updates(lstm, grads, state, params, chunk_size=3, fast=False)
+    _close(protocol, loop, 1e-6)
+    _close(slow, loop, 1e-6)
+    _close(fast, loop, 1e-6)
+    # The replay does not advance the state.
+    again = lstm.update(tuple(g[0] for g in grads), state, params)[0]
+    _close(again, tuple(u[0] for u in loop), 0.0)
+
+
+def test_covariance_analysis_with_lstm_and_batchnorm_runs():
+    torch.manual_seed(8)
+    opt = MLPOptimizee((10, 6, 3), batchnorm=True)
+    params = opt.init(1)
+    lstm = LSTMOptimizer(hidden_size=4)
+    x, y = torch.rand(12, 10), torch.randint(0, 3, (12,))
+    got = covariance_analysis(opt, lstm, lstm.init_state(params), params, x, y, chunk_size=4)
+    assert got["dim"] == opt.num_params and got["num_samples"] == 12
+    assert 0 < got["update_top_eig"] <= got["update_trace"]
+    assert 0 < got["grad_top_eig"] <= got["grad_trace"]
+    with pytest.raises(ValueError, match="P = 1"):
+        covariance_analysis(opt, lstm, lstm.init_state(params), opt.init(2), x, y)
