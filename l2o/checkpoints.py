@@ -46,3 +46,22 @@ def load_learned_optimizer(path: str | Path) -> tuple[LSTMOptimizer, MLPOptimize
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the LSTM weights do not fit its config: {err}") from err
     return net.eval(), build_optimizee(meta["optimizee"])
+
+
+def find_checkpoint(run_root: str | Path, which: str = "best") -> Path:
+    """The newest run's ``best-*.ckpt`` (lowest meta-validation loss) or ``last.ckpt``
+    below a logger folder such as ``runs/leaky_relu``."""
+    runs = sorted(Path(run_root).glob("version_*/checkpoints"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no version_*/checkpoints below {run_root}: meta-train first")
+    pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
+    found = sorted(runs[-1].glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {pattern} in {runs[-1]}")
+    return found[-1]
+
+
+if __name__ == "__main__":  # python -m l2o.checkpoints runs/leaky_relu [best|last]
+    import sys
+
+    print(find_checkpoint(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "best"))

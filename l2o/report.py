@@ -16,6 +16,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 History = dict[str, list[tuple[int, float]]]
+KEY_ANALYSES = tuple(
+    f"{tag}@mean"
+    for tag in (
+        "symmetry/update/rescale/abs_sum",
+        "symmetry/update/scale/abs_sum",
+        "symmetry/update/translation/abs_sum",
+        "tail_index/grad/pooled",
+        "tail_index/update/pooled",
+        "tail_index/grad/robust",
+        "tail_index/update/robust",
+        "covariance/update/top_eig",
+    )
+)
 MAIN = ("lr", "final_train_loss", "summed_train_loss", "mean_train_loss_first", "final_test_acc")
 
 
@@ -101,23 +114,23 @@ def markdown(summary: dict[str, Any]) -> str:
         lr = "learned" if row["kind"] == "l2o" else _fmt(row["lr"])
         cells = [label, lr] + [_fmt(row.get(key)) for key in MAIN[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    analysis = sorted(
-        {
-            key
-            for row in summary["optimizers"].values()
-            for key in row
-            if key.endswith("@mean")
-            and "/update/" in key
-            or key.endswith("@mean")
-            and "/grad/" in key
-        }
-    )
+    # The analyses' headline figures (every value is in summary.csv / summary.json).
+    analysis = [
+        key for key in KEY_ANALYSES if any(key in row for row in summary["optimizers"].values())
+    ]
     if analysis:
+        names = [
+            a.replace("@mean", "")
+            .replace("symmetry/", "")
+            .replace("tail_index/", "α ")
+            .replace("covariance/", "")
+            for a in analysis
+        ]
         lines += [
             "",
-            "| optimizer | "
-            + " | ".join(a.replace("@mean", " (run mean)") for a in analysis)
-            + " |",
+            "Run means (mean ± std over seeds):",
+            "",
+            "| optimizer | " + " | ".join(names) + " |",
             "|" + "---|" * (len(analysis) + 1),
         ]
         for label, row in summary["optimizers"].items():
@@ -168,7 +181,10 @@ def _panel(ax, histories, tag, title, log=False):
             continue
         steps, mean, std = c
         ax.plot(steps, mean, label=label, lw=1.2)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        low = mean - std
+        if log:  # a band below zero has no place on a log axis
+            low = np.where(low > 0, low, np.nan)
+        ax.fill_between(steps, low, mean + std, alpha=0.2)
         drawn = True
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("optimizee step")
