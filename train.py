@@ -68,7 +68,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MetaTrainingCLI
         trainer_defaults={
             # Meta-validation trains optimizees, which needs autograd, not inference mode.
             "inference_mode": False,
-            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="meta_train"),
+            "logger": lazy_instance(
+                TensorBoardLogger, save_dir="runs", name="meta_train", flush_secs=10
+            ),
         },
         save_config_kwargs={"overwrite": True},
     )

@@ -206,8 +206,13 @@ def run_experiment(
             accelerator=accelerator,
             devices=1,
             inference_mode=False,
+            # flush_secs: curves appear in a running TensorBoard within seconds
             logger=TensorBoardLogger(
-                out, name=entry.label, version=f"seed_{seed}", default_hp_metric=False
+                out,
+                name=entry.label,
+                version=f"seed_{seed}",
+                default_hp_metric=False,
+                flush_secs=5,
             ),
             callbacks=callbacks,
             enable_checkpointing=False,

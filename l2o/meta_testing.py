@@ -100,6 +100,9 @@ class MetaTestSystem(L.LightningModule):
             )
         self.params = init_optimizee(self.optimizee, self.seed, self.device)
         self.opt_state = self.optimizer.init_state(self.params)
+        lr = getattr(self.optimizer, "lr", None)  # baselines; the learned optimizer has none
+        if lr is not None:
+            self.log_scalars({"meta_test/lr": float(lr)}, 0)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

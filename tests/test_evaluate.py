@@ -23,11 +23,41 @@ def checkpoint(tmp_path_factory, mnist_root) -> str:
 
 
 def run_eval(tmp_path, mnist_root, *extra):
-    args = ["--data.root", mnist_root, "--data.download", "false", "--data.batch_size", "32",
-            "--steps", "6", "--seeds", "2", "--eval_every", "3", "--tail_index_every", "3",
-            "--covariance_every", "3", "--covariance_samples", "64", "--histogram_every", "3",
-            "--tune_grid", "[0.01, 0.1]", "--tune_steps", "3", "--tune_seeds", "1",
-            "--out", str(tmp_path), "--name", "exp", "--accelerator", "cpu", *extra]
+    args = [
+        "--data.root",
+        mnist_root,
+        "--data.download",
+        "false",
+        "--data.batch_size",
+        "32",
+        "--steps",
+        "6",
+        "--seeds",
+        "2",
+        "--eval_every",
+        "3",
+        "--tail_index_every",
+        "3",
+        "--covariance_every",
+        "3",
+        "--covariance_samples",
+        "64",
+        "--histogram_every",
+        "3",
+        "--tune_grid",
+        "[0.01, 0.1]",
+        "--tune_steps",
+        "3",
+        "--tune_seeds",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "exp",
+        "--accelerator",
+        "cpu",
+        *extra,
+    ]
     return evaluate_main(args)
 
 
@@ -38,23 +68,41 @@ def scalar_tags(run_dir: Path) -> set[str]:
 
 
 def test_evaluate_logs_every_tag_and_writes_the_summary(tmp_path, mnist_root, checkpoint):
-    summary = run_eval(tmp_path, mnist_root, "--checkpoints", f"[{checkpoint}]",
-                       "--optimizers", "[{name: sgd, lr: 0.1, momentum: 0.9}, {name: adam}]",
-                       "--optimizee", "{sizes: [784, 8, 10], activation: leaky_relu}")
+    summary = run_eval(
+        tmp_path,
+        mnist_root,
+        "--checkpoints",
+        f"[{checkpoint}]",
+        "--optimizers",
+        "[{name: sgd, lr: 0.1, momentum: 0.9}, {name: adam}]",
+        "--optimizee",
+        "{sizes: [784, 8, 10], activation: leaky_relu}",
+    )
     exp = tmp_path / "exp"
     expected = {
-        "meta_test/train_loss", "meta_test/train_acc", "meta_test/test_loss",
-        "meta_test/test_acc", "update_hist/mean_abs_update", "hist:update_hist/abs_update",
-        "covariance/update/top_eig", "covariance/update/trace", "covariance/grad/top_eig",
+        "meta_test/train_loss",
+        "meta_test/train_acc",
+        "meta_test/test_loss",
+        "meta_test/test_acc",
+        "update_hist/mean_abs_update",
+        "hist:update_hist/abs_update",
+        "covariance/update/top_eig",
+        "covariance/update/trace",
+        "covariance/grad/top_eig",
         "covariance/grad/trace",
     }
-    expected |= {f"symmetry/{q}/{c}/{s}" for q in ("update", "grad")
-                 for c in ("rescale", "translation") for s in ("abs_sum", "signed_sum",
-                                                               "normalized")}
+    expected |= {
+        f"symmetry/{q}/{c}/{s}"
+        for q in ("update", "grad")
+        for c in ("rescale", "translation")
+        for s in ("abs_sum", "signed_sum", "normalized")
+    }
     expected |= {f"tail_index/{q}/{e}" for q in ("update", "grad") for e in ("pooled", "robust")}
     for label in ("sgd", "adam", "l2o"):
         for seed in (0, 1):
-            missing = expected - scalar_tags(exp / label / f"seed_{seed}")
+            tags = scalar_tags(exp / label / f"seed_{seed}")
+            assert ("meta_test/lr" in tags) == (label != "l2o")  # the chosen rate is logged
+            missing = expected - tags
             assert not missing, (label, seed, sorted(missing))
     # The custom-scalars layout sits at the experiment root, so TensorBoard finds it.
     assert list((exp / "_layout").glob("events.out.tfevents.*"))
@@ -62,7 +110,9 @@ def test_evaluate_logs_every_tag_and_writes_the_summary(tmp_path, mnist_root, ch
     saved = json.loads((exp / "summary.json").read_text())
     rows = saved["optimizers"]
     assert rows["adam"]["lr"] in (0.01, 0.1) and set(rows["adam"]["lr_grid_scores"]) == {
-        "0.01", "0.1"}
+        "0.01",
+        "0.1",
+    }
     assert rows["sgd"]["lr"] == 0.1 and rows["l2o"]["kind"] == "l2o"
     for row in rows.values():
         assert len(row["final_train_loss"]["values"]) == 2
@@ -83,18 +133,37 @@ def test_evaluate_logs_every_tag_and_writes_the_summary(tmp_path, mnist_root, ch
 def test_same_seed_same_curve_for_the_same_optimizer(tmp_path, mnist_root):
     """Seeds fix init and minibatch order: two optimizers' entries with the same settings
     produce identical losses, and different seeds differ."""
-    summary = run_eval(tmp_path, mnist_root, "--optimizers",
-                       "[{name: sgd, lr: 0.1, label: a}, {name: sgd, lr: 0.1, label: b}]",
-                       "--symmetry_every", "0", "--tail_index_every", "0",
-                       "--covariance_every", "0", "--histogram_every", "0")
+    summary = run_eval(
+        tmp_path,
+        mnist_root,
+        "--optimizers",
+        "[{name: sgd, lr: 0.1, label: a}, {name: sgd, lr: 0.1, label: b}]",
+        "--symmetry_every",
+        "0",
+        "--tail_index_every",
+        "0",
+        "--covariance_every",
+        "0",
+        "--histogram_every",
+        "0",
+    )
     a, b = (summary["optimizers"][k]["final_train_loss"]["values"] for k in ("a", "b"))
     assert a == b and a[0] != a[1]
 
 
 def test_a_learned_optimizer_generalises_to_another_family(tmp_path, mnist_root, checkpoint):
-    summary = run_eval(tmp_path, mnist_root, "--checkpoints", f"[{checkpoint}]",
-                       "--optimizee", "{sizes: [784, 12, 12, 10], activation: sigmoid}",
-                       "--tail_index_every", "0", "--covariance_every", "0")
+    summary = run_eval(
+        tmp_path,
+        mnist_root,
+        "--checkpoints",
+        f"[{checkpoint}]",
+        "--optimizee",
+        "{sizes: [784, 12, 12, 10], activation: sigmoid}",
+        "--tail_index_every",
+        "0",
+        "--covariance_every",
+        "0",
+    )
     row = summary["optimizers"]["l2o"]
     assert row["trained_on"] == "mlp-784-8-10-leaky_relu"
     assert summary["experiment"]["optimizee"] == "mlp-784-12-12-10-sigmoid"
@@ -124,5 +193,11 @@ def test_bad_optimizer_specs_are_clear(tmp_path, mnist_root):
     with pytest.raises(FileNotFoundError):
         run_eval(tmp_path, mnist_root, "--checkpoints", "[missing.ckpt]")
     with pytest.raises(ValueError, match="takes 100 inputs"):
-        run_eval(tmp_path, mnist_root, "--optimizers", "[{name: sgd, lr: 0.1}]",
-                 "--optimizee", "{sizes: [100, 8, 10]}")
+        run_eval(
+            tmp_path,
+            mnist_root,
+            "--optimizers",
+            "[{name: sgd, lr: 0.1}]",
+            "--optimizee",
+            "{sizes: [100, 8, 10]}",
+        )

@@ -15,16 +15,6 @@ from l2o.optimizees import MLPOptimizee, grads_of
 from l2o.optimizers import Optimizer, apply_updates, replay
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: with 2 intra-op threads on a loaded 2-core machine, OpenMP
-    contention makes each small op ~100x slower. One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lstm(seed: int = 0, **kw) -> LSTMOptimizer:
     torch.manual_seed(seed)
     return LSTMOptimizer(**kw)

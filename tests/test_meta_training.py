@@ -21,9 +21,20 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
-    args = ["fit", "--config", TINY, "--data.root", mnist_root, "--data.download", "false",
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.logger.init_args.name", name, *extra]
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        "--data.root",
+        mnist_root,
+        "--data.download",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.name",
+        name,
+        *extra,
+    ]
     return cli_main(args)
 
 
@@ -32,8 +43,9 @@ def lstm_weights(module: MetaTrainingSystem) -> torch.Tensor:
 
 
 def test_fit_through_cli_writes_checkpoints_and_learns(tmp_path, mnist_root):
-    before = lstm_weights(MetaTrainingSystem(
-        optimizer=None, optimizee={"sizes": [784, 8, 10]}))  # default init is seeded below
+    before = lstm_weights(
+        MetaTrainingSystem(optimizer=None, optimizee={"sizes": [784, 8, 10]})
+    )  # default init is seeded below
     cli = fit(tmp_path, mnist_root)
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == 2 * 4  # 2 epochs x 2 runs x 8 steps / unroll 4
@@ -43,7 +55,8 @@ def test_fit_through_cli_writes_checkpoints_and_learns(tmp_path, mnist_root):
     assert not torch.equal(before, lstm_weights(model))
     net, optimizee = load_learned_optimizer(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
     torch.testing.assert_close(
-        torch.cat([p.flatten() for p in net.parameters()]), lstm_weights(model))
+        torch.cat([p.flatten() for p in net.parameters()]), lstm_weights(model)
+    )
     assert optimizee.sizes == (784, 8, 10)
     metrics = trainer.callback_metrics
     for key in ("train/meta_loss", "train/meta_grad_norm", "val/summed_loss", "val/final_loss"):
@@ -54,8 +67,9 @@ def test_fit_through_cli_writes_checkpoints_and_learns(tmp_path, mnist_root):
 def test_resume_from_last_equals_uninterrupted_run(tmp_path, mnist_root):
     straight = fit(tmp_path, mnist_root, "--trainer.max_epochs", "3", name="straight")
     fit(tmp_path, mnist_root, "--trainer.max_epochs", "2", name="split")
-    resumed = fit(tmp_path, mnist_root, "--trainer.max_epochs", "3", "--ckpt_path", "last",
-                  name="split")
+    resumed = fit(
+        tmp_path, mnist_root, "--trainer.max_epochs", "3", "--ckpt_path", "last", name="split"
+    )
     assert resumed.trainer.global_step == straight.trainer.global_step == 12
     # Same folder (no new version_1), and the same optimizer as if never interrupted: the
     # carried optimizees, their LSTM states, the data stream and Adam's state all resumed.
@@ -72,11 +86,27 @@ def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, mnist_root):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_meta_parameters_identical(tmp_path, mnist_root):
     probe = tmp_path / "probe"
-    cmd = [sys.executable, "train.py", "fit", "--config", TINY, "--data.root", mnist_root,
-           "--data.download", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(tmp_path),
-           "--trainer.callbacks+=tests.ddp_probe.RankProbe",
-           f"--trainer.callbacks.out_dir={probe}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        TINY,
+        "--data.root",
+        mnist_root,
+        "--data.download",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.callbacks+=tests.ddp_probe.RankProbe",
+        f"--trainer.callbacks.out_dir={probe}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -101,8 +131,11 @@ def test_ddp_two_cpu_processes_keep_meta_parameters_identical(tmp_path, mnist_ro
         (["--model.unroll", "16"], ValueError, "exceeds optimizee_steps"),
         (["--model.unroll", "3"], ValueError, "not a multiple"),
         (["--model.optimizee.sizes", "[100, 8, 10]"], ValueError, "takes 100 inputs"),
-        (["--model.symmetry_beta", "0.1", "--model.symmetry_constraint", "scale"], ValueError,
-         "needs a BatchNorm"),
+        (
+            ["--model.symmetry_beta", "0.1", "--model.symmetry_constraint", "scale"],
+            ValueError,
+            "needs a BatchNorm",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, mnist_root, args, error, match):
@@ -128,10 +161,23 @@ def test_non_finite_meta_loss_skips_the_update(tmp_path, mnist_root):
                 yield (x * float("nan") if i == 1 else x), y
 
     model = MetaTrainingSystem(optimizee={"sizes": [784, 8, 10]}, unroll=4, optimizee_steps=8)
-    dm = Poisoned(root=mnist_root, download=False, batch_size=16, unroll=4, optimizee_steps=8,
-                  runs_per_epoch=1, val_steps=0)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, inference_mode=False, limit_val_batches=0)
+    dm = Poisoned(
+        root=mnist_root,
+        download=False,
+        batch_size=16,
+        unroll=4,
+        optimizee_steps=8,
+        runs_per_epoch=1,
+        val_steps=0,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        limit_val_batches=0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=dm)

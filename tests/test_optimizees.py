@@ -19,16 +19,6 @@ from l2o.optimizees import (
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: with 2 intra-op threads on a loaded 2-core machine, OpenMP
-    contention makes each small op ~100x slower. One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(opt: MLPOptimizee, population: int, batch: int = 12, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(population, batch, opt.sizes[0], generator=gen, dtype=DTYPE)

@@ -31,16 +31,6 @@ STEPS = 50
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: with 2 intra-op threads on a loaded 2-core machine, OpenMP
-    contention makes each small op ~100x slower. One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- helpers
 def _problem(population: int = 1, batchnorm: bool = False, seed: int = 0):
     """A small MLP classification problem in float64: (optimizee, params, loss_fn)."""

@@ -14,13 +14,26 @@ TINY = {"sizes": [784, 8, 10], "activation": "leaky_relu"}
 
 def system(beta: float, constraint: str = "rescale", optimizee=TINY) -> MetaTrainingSystem:
     torch.manual_seed(0)  # the same LSTM initialisation for every beta
-    return MetaTrainingSystem(optimizee=optimizee, unroll=4, optimizee_steps=8, meta_lr=1e-2,
-                              symmetry_beta=beta, symmetry_constraint=constraint)
+    return MetaTrainingSystem(
+        optimizee=optimizee,
+        unroll=4,
+        optimizee_steps=8,
+        meta_lr=1e-2,
+        symmetry_beta=beta,
+        symmetry_constraint=constraint,
+    )
 
 
 def data(mnist_root: str, **kw) -> MNISTDataModule:
-    dm = MNISTDataModule(root=mnist_root, download=False, batch_size=32, unroll=4,
-                         optimizee_steps=8, val_steps=0, **kw)
+    dm = MNISTDataModule(
+        root=mnist_root,
+        download=False,
+        batch_size=32,
+        unroll=4,
+        optimizee_steps=8,
+        val_steps=0,
+        **kw,
+    )
     dm.setup()
     return dm
 
@@ -32,15 +45,18 @@ def held_out_deviation(model: MetaTrainingSystem, dm: MNISTDataModule) -> float:
     params = model.fresh_optimizees(4, (99,))
     state = model.optimizer.init_state(params)
     with torch.enable_grad():
-        _, pen, _, _ = model.unroll(params, state, dm.train_x[idx], dm.train_y[idx], beta=1.0,
-                                    meta=False)
+        _, pen, _, _ = model.unroll(
+            params, state, dm.train_x[idx], dm.train_y[idx], beta=1.0, meta=False
+        )
     return pen.mean().item()
 
 
 @pytest.mark.parametrize(
     ("constraint", "optimizee"),
-    [("rescale", TINY), ("scale", {"sizes": [784, 8, 10], "activation": "relu",
-                                   "batchnorm": True})],
+    [
+        ("rescale", TINY),
+        ("scale", {"sizes": [784, 8, 10], "activation": "relu", "batchnorm": True}),
+    ],
 )
 def test_penalty_gradient_reaches_every_lstm_parameter(mnist_root, constraint, optimizee):
     model, dm = system(1.0, constraint, optimizee), data(mnist_root)
@@ -60,8 +76,14 @@ def test_penalty_lowers_symmetry_breaking_against_beta_zero(mnist_root):
     for beta in (0.0, 1.0):
         model, dm = system(beta), data(mnist_root, runs_per_epoch=8)
         start = held_out_deviation(model, dm)
-        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                  enable_progress_bar=False, inference_mode=False).fit(model, datamodule=dm)
+        L.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            inference_mode=False,
+        ).fit(model, datamodule=dm)
         deviations[beta] = held_out_deviation(model, dm)
         assert model.trainer.global_step == 16
     assert start > 0
