@@ -9,7 +9,7 @@ if [[ $FULL == 1 ]]; then
   TRAIN_BUDGET=()                      # the config's max_epochs (50)
   EVAL_STEPS=1000; EVAL_SEEDS=3
 else
-  TRAIN_BUDGET=(--trainer.max_time "00:00:${TRAIN_MINUTES:-45}:00")
+  TRAIN_BUDGET=(--trainer.max_time "$(printf "00:%02d:%02d:00" $((${TRAIN_MINUTES:-45} / 60)) $((${TRAIN_MINUTES:-45} % 60)))")
   EVAL_STEPS=${EVAL_STEPS:-1000}; EVAL_SEEDS=${EVAL_SEEDS:-3}
 fi
 train() {  # train CONFIG [more args]: meta-train, resuming the newest run if one exists
