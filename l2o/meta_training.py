@@ -21,6 +21,7 @@ from l2o.data import seeded_generator
 from l2o.lstm import LSTMOptimizer, detach_state
 from l2o.optimizees import MLPOptimizee, build_optimizee, spec_of
 from l2o.optimizers import Params, apply_updates
+from l2o.symmetry import penalty
 
 VAL_SEED = 10_000  # meta-validation optimizees: the same seeds every epoch
 
@@ -76,8 +77,6 @@ class MetaTrainingSystem(L.LightningModule):
         if symmetry_beta < 0:
             raise ValueError(f"symmetry_beta must be >= 0, got {symmetry_beta}")
         if symmetry_beta > 0:
-            from l2o.symmetry import penalty  # noqa: F401  (fails early for a bad constraint)
-
             self._check_constraint(symmetry_constraint)
         self.save_hyperparameters(ignore=["optimizer", "optimizee"])
         # Plain data only, so checkpoints load with weights_only=True.
@@ -145,8 +144,6 @@ class MetaTrainingSystem(L.LightningModule):
             with torch.set_grad_enabled(meta):
                 updates, state = self.optimizer.update(grads, state, params)
                 if beta > 0:
-                    from l2o.symmetry import penalty
-
                     delta = tuple(-u for u in updates)
                     pen = pen + penalty(
                         self.optimizee, params, delta, self.hparams.symmetry_constraint
