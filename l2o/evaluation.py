@@ -172,7 +172,7 @@ def run_experiment(
     accelerator: str = "auto",
 ) -> dict[str, Any]:
     """Tune, run, and summarise. Returns the summary (also written to ``out``)."""
-    from l2o.report import make_figures, summarize_runs, write_summary
+    from l2o.report import make_figures, save_samples, summarize_runs, write_summary
 
     if steps < 1 or seeds < 1 or eval_every < 1:
         raise ValueError("steps, seeds and eval_every must be >= 1")
@@ -244,6 +244,7 @@ def run_experiment(
         "criterion_steps": criterion_steps,
     }
     write_summary(summary, out)
+    save_samples(samples, out)
     make_figures(histories, samples, out)
     return summary
 

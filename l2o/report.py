@@ -188,6 +188,10 @@ def _panel(ax, histories, tag, title, log=False):
         drawn = True
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("optimizee step")
+    if tag.startswith("tail_index/"):
+        # alpha-stable tails have 0 < alpha <= 2; the estimator leaves that range (even < 0)
+        # on noise that is not alpha-stable-like, e.g. Lion's few discrete update values.
+        ax.set_ylim(0, 2.5)
     if log and drawn:
         ax.set_yscale("symlog" if "signed" in tag else "log")
     return drawn
@@ -233,7 +237,7 @@ def make_figures(
     alpha = [
         (t, "α " + t.removeprefix("tail_index/"), False)
         for t in tags
-        if t.startswith("tail_index/")
+        if t.startswith("tail_index/") and not t.endswith("zero_fraction")
     ]
     _figure(histories, alpha, fig_dir / "tail_index.png")
     cov = [(t, t.removeprefix("covariance/"), True) for t in tags if t.startswith("covariance/")]
@@ -255,17 +259,76 @@ def _histograms(samples: dict[str, list[dict]], path: Path) -> None:
     )
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.2), squeeze=False)
     for ax, step in zip(axes[0], picks):
+        per = {}
         for label, runs in samples.items():
             vals = np.concatenate(
                 [np.asarray(r[step]).ravel() for r in runs if step in r] or [np.zeros(0)]
             )
-            vals = vals[vals > 0]
-            if len(vals):
-                bins = np.logspace(np.log10(vals.min()), np.log10(vals.max()), 60)
-                ax.hist(vals, bins=bins, histtype="step", density=True, label=label)
+            per[label] = vals[vals > 0]
+        every = np.concatenate(list(per.values()) or [np.zeros(0)])
+        if not len(every):
+            continue
+        # Common log bins from the 1st percentile up: momentum leaves astronomically small
+        # values on coordinates whose gradient is always 0 (MNIST's black pixels).
+        bins = np.logspace(np.log10(np.percentile(every, 1)), np.log10(every.max()), 50)
+        for label, vals in per.items():
+            if len(vals):  # fraction of coordinates per bin, comparable across optimizers
+                ax.hist(
+                    vals,
+                    bins=bins,
+                    weights=np.full(len(vals), 1 / len(vals)),
+                    histtype="step",
+                    label=label,
+                )
         ax.set_xscale("log")
+        ax.set_ylabel("fraction of coordinates", fontsize=8)
         ax.set_title(f"|update| at step {step}", fontsize=9)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- re-plotting
+def save_samples(samples: dict[str, list[dict]], out: Path) -> None:
+    """|update| samples of the histogram callback, for re-plotting without re-running."""
+    arrays = {
+        f"{label}|{seed}|{step}": np.asarray(v)
+        for label, runs in samples.items()
+        for seed, run in enumerate(runs)
+        for step, v in run.items()
+    }
+    np.savez_compressed(out / "update_samples.npz", **arrays)
+
+
+def load_experiment(out: Path) -> tuple[dict[str, list[History]], dict[str, list[dict]]]:
+    """Histories from the experiment's TensorBoard event files (the same data the module
+    logged) and the saved |update| samples."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    histories: dict[str, list[History]] = {}
+    for run in sorted(out.glob("*/seed_*")):
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+        acc.Reload()
+        histories.setdefault(run.parent.name, []).append(
+            {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        )
+    samples: dict[str, list[dict]] = {}
+    path = out / "update_samples.npz"
+    if path.exists():
+        runs: dict[tuple[str, int], dict] = {}
+        with np.load(path) as npz:
+            for key in npz.files:
+                label, seed, step = key.split("|")
+                runs.setdefault((label, int(seed)), {})[int(step)] = npz[key]
+        for (label, _), run in sorted(runs.items()):
+            samples.setdefault(label, []).append(run)
+    return histories, samples
+
+
+if __name__ == "__main__":  # python -m l2o.report runs/eval/<name>: re-make the figures
+    import sys
+
+    folder = Path(sys.argv[1])
+    make_figures(*load_experiment(folder), folder)
+    print(f"figures written to {folder / 'figures'}")
