@@ -231,7 +231,8 @@ def make_figures(
     sym = [
         (t, t.removeprefix("symmetry/"), True)
         for t in tags
-        if t.startswith("symmetry/") and t.endswith("abs_sum")
+        if t.startswith("symmetry/")
+        and (t.endswith("abs_sum") or t.startswith("symmetry/update/") and t.endswith("normalized"))
     ]
     _figure(histories, sym, fig_dir / "symmetry.png")
     alpha = [
