@@ -109,9 +109,11 @@ def deviation_terms(
             db, b = delta[layer.bias], params[layer.bias]
             ds.append(_dot(dw, w, 1) + db * b)
             # torch.linalg.vector_norm has a finite (zero) gradient at 0, unlike sqrt(sum sq)
-            dn = torch.linalg.vector_norm(torch.cat([dw, db.unsqueeze(-1)], -1), dim=-1)
-            tn = torch.linalg.vector_norm(torch.cat([w, b.unsqueeze(-1)], -1), dim=-1)
-            norms.append(dn * tn)
+            # float64: squares of BatchNorm-shrunk gradients (~1e-25) underflow in float32,
+            # which made |cos| blow up to 1e7 on a Lion run
+            dn = torch.linalg.vector_norm(torch.cat([dw, db.unsqueeze(-1)], -1).double(), dim=-1)
+            tn = torch.linalg.vector_norm(torch.cat([w, b.unsqueeze(-1)], -1).double(), dim=-1)
+            norms.append((dn * tn).to(dw.dtype))
         out["scale"] = (torch.cat(ds, -1), torch.cat(norms, -1))
     if "translation" in wanted:
         dw, db = delta[-2], delta[-1]  # output layer W_L (..., P, C, in), b_L (..., P, C)

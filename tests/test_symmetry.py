@@ -166,3 +166,13 @@ def test_matches_neuron_by_neuron_reference():
         ref["translation"].append(b_l.sum(-1))
         for c, d in got.items():
             torch.testing.assert_close(d, torch.stack(ref[c], -1))
+
+
+def test_scale_normalized_survives_tiny_float32_steps():
+    """BatchNorm makes gradients tiny when weights grow; their squares underflow float32.
+    The normalised scale figure is a |cos| and must stay in [0, 1] (it once read 1e7)."""
+    opt = MLPOptimizee((12, 7, 4), activation="relu", batchnorm=True)
+    params = opt.init(1, torch.Generator().manual_seed(0))
+    delta = tuple(1e-25 * p for p in params)  # parallel to theta: |cos| = 1
+    value = symmetry_metrics(opt, params, delta)["scale/normalized"]
+    assert torch.allclose(value, torch.ones_like(value), atol=1e-5)
