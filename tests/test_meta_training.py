@@ -20,8 +20,9 @@ from train import cli_main
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
-def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
-    args = [
+def tiny_args(tmp_path: Path, mnist_root: str, name: str = "tiny") -> list[str]:
+    """`train.py fit` on the tiny config, the fixture's MNIST, logs under tmp_path."""
+    return [
         "fit",
         "--config",
         TINY,
@@ -33,9 +34,11 @@ def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
         str(tmp_path),
         "--trainer.logger.init_args.name",
         name,
-        *extra,
     ]
-    return cli_main(args)
+
+
+def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
+    return cli_main([*tiny_args(tmp_path, mnist_root, name), *extra])
 
 
 def lstm_weights(module: MetaTrainingSystem) -> torch.Tensor:
@@ -89,21 +92,13 @@ def test_ddp_two_cpu_processes_keep_meta_parameters_identical(tmp_path, mnist_ro
     cmd = [
         sys.executable,
         "train.py",
-        "fit",
-        "--config",
-        TINY,
-        "--data.root",
-        mnist_root,
-        "--data.download",
-        "false",
+        *tiny_args(tmp_path, mnist_root),
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
         "2",
         "--trainer.strategy",
         "ddp",
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
         "--trainer.callbacks+=tests.ddp_probe.RankProbe",
         f"--trainer.callbacks.out_dir={probe}",
     ]
