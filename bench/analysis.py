@@ -100,6 +100,9 @@ def fast_updates(optimizee, params, opt, state, x, y):
 def bench_updates(args, optimizee, params, opt, state, res):
     n = args.n_small
     x, y = data(n, seed=2)
+    # Warm-up of both paths (first-call allocations, vmap tracing) before anything is timed.
+    fast_updates(optimizee, params, opt, state, x[:64], y[:64])
+    loop_updates(optimizee, params, opt, state, x[:8], y[:8])
     u, t_grads, t_upd = fast_updates(optimizee, params, opt, state, x, y)
     res["per_sample_grads_s"] = t_grads
     res["per_sample_lstm_s"] = t_upd
