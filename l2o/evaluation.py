@@ -8,7 +8,6 @@ a summary table and figures are written at the end.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -268,7 +267,3 @@ def _write_layout(out: Path, optimizee: MLPOptimizee, callbacks: list[L.Callback
         shutil.rmtree(layout_dir)
     with SummaryWriter(layout_dir) as writer:
         writer.add_custom_scalars(layout)
-
-
-def save_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float))

@@ -21,7 +21,7 @@ from l2o.data import seeded_generator
 from l2o.lstm import LSTMOptimizer, detach_state
 from l2o.optimizees import MLPOptimizee, build_optimizee, spec_of
 from l2o.optimizers import Params, apply_updates
-from l2o.symmetry import penalty
+from l2o.symmetry import constraints_of, penalty
 
 VAL_SEED = 10_000  # meta-validation optimizees: the same seeds every epoch
 
@@ -88,17 +88,14 @@ class MetaTrainingSystem(L.LightningModule):
         self._val: dict[str, Any] = {}
 
     def _check_constraint(self, constraint: str) -> None:
-        if constraint == "rescale" and self.optimizee.activation not in ("leaky_relu", "relu"):
-            raise ValueError(
-                f"the rescale penalty needs a Leaky ReLU/ReLU optimizee, got {self.optimizee.name}"
-            )
-        if constraint == "scale" and not self.optimizee.batchnorm:
-            raise ValueError(
-                f"the scale penalty needs a BatchNorm optimizee, got {self.optimizee.name}"
-            )
         if constraint not in ("rescale", "scale"):
             raise ValueError(
                 f"symmetry_constraint must be 'rescale' or 'scale', got {constraint!r}"
+            )
+        if constraint not in constraints_of(self.optimizee):  # the analyses' own rule
+            needs = "a Leaky ReLU/ReLU" if constraint == "rescale" else "a BatchNorm"
+            raise ValueError(
+                f"the {constraint} penalty needs {needs} optimizee, got {self.optimizee.name}"
             )
 
     def setup(self, stage: str) -> None:
