@@ -23,7 +23,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
-from l2o.lstm import LSTMOptimizer, preprocess
+from l2o.lstm import LSTMOptimizer
 from l2o.optimizees import MLPOptimizee, Params, grads_of
 from l2o.optimizers import Optimizer, State, replay
 
@@ -32,6 +32,9 @@ from l2o.optimizers import Optimizer, State, replay
 GRAM_MAX_N = 512
 ROW_BUDGET = 2**18  # LSTM rows (sample x coordinate) per protocol replay call: ~0.5 GB temps
 BLOCK_ROWS = 2**13  # rows per block of the fast LSTM path: its temporaries stay in cache
+MIN_WIDTH = 256  # coordinates per block of the fast LSTM path, at least
+DENSE_FRACTION = 0.8  # coordinates nonzero in this share of samples or more skip the packing
+SAMPLE_CHUNK = 2048  # samples per packing of the fast LSTM path (bounds its index tensors)
 
 
 # --------------------------------------------------------------------------- per-sample grads
@@ -134,67 +137,82 @@ def _lstm_per_sample(opt: LSTMOptimizer, grads: Params, state: State) -> Params:
         w_ih.append(cell.weight_ih.to(dtype) * double_g)
     head = (opt.head.weight.to(dtype), opt.head.bias.to(dtype))
 
-    # Coordinate-major copies for the sparse path: gathering whole rows is a contiguous copy,
-    # gathering columns of the feature-major slabs is a strided one (several times slower).
-    hw_rows = [t.t().contiguous() for t in hw]
-    cs_rows = [t.t().contiguous() for t in cs]
+    def replay_columns(vals: Tensor, cols: Tensor, heights: list[int]) -> Tensor:
+        """Overwrite vals (K, m), gradient values at coordinates cols, with their updates.
 
-    def rows(g: Tensor, idx: Tensor | slice) -> Tensor:
-        """Updates for gradient values g (k, m) at coordinates idx (m of them)."""
-        if isinstance(idx, slice):
-            hws, css = [t[:, idx] for t in hw], [t[:, idx] for t in cs]
-        else:
-            hws = [t.index_select(0, idx).t().contiguous() for t in hw_rows]
-            css = [t.index_select(0, idx).t().contiguous() for t in cs_rows]
-        return _lstm_rows(
-            g,
-            hws,
-            css,
-            w_ih,
-            head,
-            opt.preprocess_p,
-            opt.output_scale,
-        )
-
-    # The update of a zero gradient, per coordinate: computed once, copied where g == 0.
-    zero_update = torch.cat(
-        [
-            rows(flat.new_zeros(1, min(BLOCK_ROWS, coords - s)), slice(s, s + BLOCK_ROWS))
-            for s in range(0, coords, BLOCK_ROWS)
-        ],
-        dim=1,
-    )
-    out = torch.empty_like(flat)
-    # Blocks of samples x coordinates of ~BLOCK_ROWS rows: big enough to amortize Python, small
-    # enough that the (4H, rows) gate temporaries stay in cache (3x faster than one big call).
-    width = min(coords, max(1, BLOCK_ROWS // 8))  # 1024 coordinates x 8 samples by default
-    per_block = max(1, BLOCK_ROWS // width)
-    for s in range(0, n, per_block):
-        g = flat[s : s + per_block]
-        nz = g != 0
-        nnz = int(nz.sum())
-        if nnz < 0.5 * g.numel():  # sparse: evaluate only the nonzero entries, gathered
-            out[s : s + per_block] = zero_update
-            sample, coord = nz.nonzero(as_tuple=True)
-            vals = g[sample, coord]
-            res = torch.cat(
-                [
-                    rows(vals[None, r : r + BLOCK_ROWS], coord[r : r + BLOCK_ROWS])
-                    for r in range(0, nnz, BLOCK_ROWS)
-                ]
-                or [vals[None]],
-                dim=1,
-            )
-            out[s : s + per_block][sample, coord] = res[0]
-        else:
-            for c0 in range(0, coords, width):
-                out[s : s + per_block, c0 : c0 + width] = rows(
-                    g[:, c0 : c0 + width], slice(c0, c0 + width)
+        Column j only needs its first heights[j] rows (heights non-increasing). Blocks of
+        ~BLOCK_ROWS values keep the (4H, rows) gate temporaries in cache; they are at least
+        MIN_WIDTH columns wide because the elementwise kernels vectorize along columns (8 wide
+        is ~2x slower than 256 wide). Each column's state is broadcast over its rows.
+        """
+        hw_c, cs_c = [t[:, cols] for t in hw], [t[:, cols] for t in cs]
+        start, m = 0, vals.shape[1]
+        while start < m and heights[start] > 0:
+            k = heights[start]
+            stop = min(m, start + max(MIN_WIDTH, BLOCK_ROWS // k))
+            block = slice(start, stop)
+            kc = max(1, BLOCK_ROWS // (stop - start))
+            for r in range(0, k, kc):
+                vals[r : r + kc, block] = _lstm_rows(
+                    vals[r : r + kc, block],
+                    [t[:, block] for t in hw_c],
+                    [t[:, block] for t in cs_c],
+                    w_ih,
+                    head,
+                    opt.preprocess_p,
+                    opt.output_scale,
                 )
+            start = stop
+        return vals
+
+    everything = torch.arange(coords, device=flat.device)
+    # The update of a zero gradient, per coordinate: computed once, copied where g == 0 (a blank
+    # MNIST pixel's weights: ~80% of a sample's coordinates).
+    out = replay_columns(flat.new_zeros(1, coords), everything, [1] * coords)
+    out = out.expand(n, coords).contiguous()
+
+    # Samples a chunk at a time: the packing's index tensors stay ~0.3 GB at most.
+    for s in range(0, n, SAMPLE_CHUNK):
+        _replay_nonzero(flat[s : s + SAMPLE_CHUNK], out[s : s + SAMPLE_CHUNK], replay_columns)
     sizes = [math.prod(shape) for shape in shapes]
     return tuple(
         u.reshape(n, *shape) for u, shape in zip(out.split(sizes, dim=1), shapes, strict=True)
     )
+
+
+def _replay_nonzero(flat: Tensor, out: Tensor, replay_columns) -> None:
+    """Write into out (k, coords) the updates of the nonzero entries of flat (k, coords)."""
+    n, coords = flat.shape
+    nonzero = flat != 0
+    counts = nonzero.sum(0)
+    # Mostly-nonzero coordinates (biases, the output layer, central pixels): replayed densely,
+    # zeros included, as packing costs about half a replay per value.
+    dense = counts >= DENSE_FRACTION * n
+    cols = dense.nonzero()[:, 0]
+    if len(cols):
+        out[:, cols] = replay_columns(flat[:, cols], cols, [n] * len(cols))
+
+    # The rest, packed per coordinate ("ELL" layout): column j of `packed` holds coordinate
+    # order[j]'s nonzero values in its first counts[j] rows, columns sorted by count. Blocks of
+    # columns of similar counts are then dense problems, with no per-value gather of the LSTM
+    # state and no work on the zeros beyond a block's padding (~1% on MNIST).
+    nz = (nonzero & ~dense).t().contiguous()  # (coords, k)
+    del nonzero
+    coord, sample = nz.nonzero(as_tuple=True)  # coordinate-major: each coordinate's run
+    if not len(coord):
+        return
+    counts = torch.bincount(coord, minlength=coords)
+    slot = torch.arange(len(coord), device=flat.device) - (counts.cumsum(0) - counts)[coord]
+    order = torch.argsort(counts, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(coords, device=flat.device)
+    col = rank[coord]
+    heights = counts[order]
+    width = int((heights > 0).sum())  # columns past this one hold no nonzero
+    heights = heights[:width].tolist()
+    packed = flat.new_zeros(heights[0], width)
+    packed[slot, col] = flat[sample, coord]
+    out[sample, coord] = replay_columns(packed, order[:width], heights)[slot, col]
 
 
 def _lstm_rows(
@@ -211,9 +229,12 @@ def _lstm_rows(
     rounding differs by ~1e-7 (tanh is taken through sigmoid)."""
     k, m = g.shape
     hidden = cs[0].shape[0]
-    x = preprocess(g, p)  # (k, m, 2)
-    # Contiguous features: broadcasting a strided operand is ~6x slower in TensorIterator.
-    x0, x1 = x[..., 0].contiguous(), x[..., 1].contiguous()
+    # l2o.lstm.preprocess's arithmetic, as two contiguous tensors (no stack and unstack):
+    # broadcasting a strided operand is ~6x slower in TensorIterator.
+    a = g.abs()
+    big = a >= math.exp(-p)
+    x0 = torch.where(big, a.clamp_min_(math.exp(-p)).log_().div_(p), -1.0)
+    x1 = torch.where(big, g.sign(), g * math.exp(p))
     inp = x0  # layer 0 reads x0, x1 instead
     for layer, (rec, c_prev, w) in enumerate(zip(hw, cs, w_ih)):
         rec = rec.view(4 * hidden, 1, m)

@@ -140,10 +140,18 @@ def test_update_covariance_is_centred_on_the_full_batch_update():
     assert got["update_trace"] > update_covariance(u)["trace"] * (1 + 1e-3)
 
 
-@pytest.mark.parametrize("block_rows", [2**13, 50])  # one block / many ragged blocks
-@pytest.mark.parametrize("sparsity", [0.0, 0.7])  # dense blocks / gathered nonzeros paths
-def test_lstm_per_sample_updates_match_a_loop_of_single_updates(sparsity, block_rows, monkeypatch):
+# One block / many ragged blocks of columns of different heights, cut into row chunks, and
+# samples packed a few at a time.
+@pytest.mark.parametrize(
+    ("block_rows", "min_width", "sample_chunk"), [(2**13, 256, 2048), (50, 1, 5)]
+)
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])  # no, some, all zero pixels
+def test_lstm_per_sample_updates_match_a_loop_of_single_updates(
+    sparsity, block_rows, min_width, sample_chunk, monkeypatch
+):
     monkeypatch.setattr("l2o.covariance.BLOCK_ROWS", block_rows)
+    monkeypatch.setattr("l2o.covariance.MIN_WIDTH", min_width)
+    monkeypatch.setattr("l2o.covariance.SAMPLE_CHUNK", sample_chunk)
     torch.manual_seed(7)
     opt = MLPOptimizee((30, 8, 4))
     params = opt.init(1)
