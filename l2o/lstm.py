@@ -18,8 +18,24 @@ from l2o.optimizers import Params, State
 # Inductor's CPU tanh (Sleef) is the slowest op of the fused gate kernels. Its exp form
 # 2 / (1 + exp(-2x)) - 1 differs from torch.tanh by at most 2e-7 absolute (no overflow at
 # +-inf) and makes compiled meta-training ~10% faster on a 2-core CPU (bench/meta_train.py).
-# Set for this compile only, not globally; GPU (Triton) code ignores it.
+# Set for this compile only, not globally; GPU (Triton) code ignores it. Torch < 2.8 has no such
+# option (its CPU tanh was the exp form already) and would reject it.
 COMPILE_OPTIONS = {"cpp.use_decompose_tanh": True}
+
+
+def compile_options() -> dict[str, Any]:
+    """COMPILE_OPTIONS that this torch's inductor knows."""
+    from torch._inductor import config
+
+    def known(key: str) -> bool:
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {k: v for k, v in COMPILE_OPTIONS.items() if known(k)}
 
 
 def preprocess(g: Tensor, p: float) -> Tensor:
@@ -96,7 +112,7 @@ class LSTMOptimizer(nn.Module):
         core = self._core
         if self.compile and not replaying:
             if self._compiled is None:
-                self._compiled = torch.compile(_core, dynamic=False, options=COMPILE_OPTIONS)
+                self._compiled = torch.compile(_core, dynamic=False, options=compile_options())
             core = self._compiled
         out, new_h, new_c = core(flat.reshape(-1), h, c, self.preprocess_p, *self._weights())
         out = (out * self.output_scale).view(*lead, n)

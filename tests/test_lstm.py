@@ -399,3 +399,17 @@ def test_compile_gives_same_updates():
     ge = torch.autograd.grad(sum(u.sum() for u in ue), eager.head.weight)[0]
     gc = torch.autograd.grad(sum(u.sum() for u in uc), compiled.head.weight)[0]
     torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_options_drop_what_this_torch_does_not_know(monkeypatch):
+    from torch._inductor import config
+
+    import l2o.lstm as lstm_module
+
+    monkeypatch.setattr(
+        lstm_module,
+        "COMPILE_OPTIONS",
+        {"cpp.use_decompose_tanh": True, "cpp.no_such_option": 1, "no_such_group.x": 2},
+    )
+    known = {"cpp.use_decompose_tanh": True} if hasattr(config.cpp, "use_decompose_tanh") else {}
+    assert lstm_module.compile_options() == known
