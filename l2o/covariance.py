@@ -23,7 +23,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
-from l2o.lstm import LSTMOptimizer
+from l2o.lstm import LSTMOptimizer, preprocess_parts
 from l2o.optimizees import MLPOptimizee, Params, grads_of
 from l2o.optimizers import Optimizer, State, replay
 
@@ -167,9 +167,9 @@ def _lstm_per_sample(opt: LSTMOptimizer, grads: Params, state: State) -> Params:
             start = stop
         return vals
 
-    everything = torch.arange(coords, device=flat.device)
     # The update of a zero gradient, per coordinate: computed once, copied where g == 0 (a blank
     # MNIST pixel's weights: ~80% of a sample's coordinates).
+    everything = torch.arange(coords, device=flat.device)
     out = replay_columns(flat.new_zeros(1, coords), everything, [1] * coords)
     out = out.expand(n, coords).contiguous()
 
@@ -232,12 +232,9 @@ def _lstm_rows(
     rounding differs by ~1e-7 (tanh is taken through sigmoid)."""
     k, m = g.shape
     hidden = cs[0].shape[0]
-    # l2o.lstm.preprocess's arithmetic, as two contiguous tensors (no stack and unstack):
-    # broadcasting a strided operand is ~6x slower in TensorIterator.
-    a = g.abs()
-    big = a >= math.exp(-p)
-    x0 = torch.where(big, a.clamp_min_(math.exp(-p)).log_().div_(p), -1.0)
-    x1 = torch.where(big, g.sign(), g * math.exp(p))
+    # Two contiguous features, not stacked: broadcasting a strided operand is ~6x slower in
+    # TensorIterator.
+    x0, x1 = preprocess_parts(g, p)
     inp = x0  # layer 0 reads x0, x1 instead
     for layer, (rec, c_prev, w) in enumerate(zip(hw, cs, w_ih)):
         rec = rec.view(4 * hidden, 1, m)

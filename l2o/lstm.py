@@ -38,12 +38,19 @@ def compile_options() -> dict[str, Any]:
     return {k: v for k, v in COMPILE_OPTIONS.items() if known(k)}
 
 
-def preprocess(g: Tensor, p: float) -> Tensor:
-    """Andrychowicz et al., appendix A: (log|g|/p, sign g) if |g| >= e^-p, else (-1, e^p g)."""
-    big = g.abs() >= math.exp(-p)
-    log_part = torch.where(big, g.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(g))
+def preprocess_parts(g: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Andrychowicz et al., appendix A: (log|g|/p, sign g) if |g| >= e^-p, else (-1, e^p g),
+    as two tensors shaped like g."""
+    a = g.abs()
+    big = a >= math.exp(-p)
+    log_part = torch.where(big, a.clamp_min(math.exp(-p)).log() / p, -1.0)
     sign_part = torch.where(big, torch.sign(g), g * math.exp(p))
-    return torch.stack((log_part, sign_part), dim=-1)
+    return log_part, sign_part
+
+
+def preprocess(g: Tensor, p: float) -> Tensor:
+    """:func:`preprocess_parts` stacked as the LSTM's input features, shape (*g.shape, 2)."""
+    return torch.stack(preprocess_parts(g, p), dim=-1)
 
 
 class LSTMOptimizer(nn.Module):
