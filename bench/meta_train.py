@@ -39,14 +39,14 @@ def bench(
     batch: int = 128,
 ) -> dict:
     system = MetaTrainingSystem(
-        LSTMOptimizer(compile=compile), unroll=unroll, population=population
+        LSTMOptimizer(torch_compile=compile), unroll=unroll, population=population
     ).to(device)
-    meta_opt = torch.optim.Adam(system.optimizer.parameters(), lr=1e-3)
+    meta_opt = torch.optim.Adam(system.learned_optimizer.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(unroll, population, batch, 784, generator=gen).to(device)
     y = torch.randint(0, 10, (unroll, population, batch), generator=gen).to(device)
     params = system.optimizee.init(population, gen, device=device)
-    state = system.optimizer.init_state(params)
+    state = system.learned_optimizer.init_state(params)
 
     def truncation():
         nonlocal params, state

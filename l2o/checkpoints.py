@@ -39,7 +39,15 @@ def load_learned_optimizer(path: str | Path) -> tuple[LSTMOptimizer, MLPOptimize
         )
     meta = ckpt["l2o"]
     net = LSTMOptimizer(**meta["optimizer_config"])
-    prefix = "optimizer."
+    # "optimizer." in checkpoints written before the learned optimizer got its own name
+    prefix = next(
+        (
+            p
+            for p in ("learned_optimizer.", "optimizer.")
+            if any(k.startswith(p) for k in ckpt["state_dict"])
+        ),
+        "learned_optimizer.",
+    )
     weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
         net.load_state_dict(weights)

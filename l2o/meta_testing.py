@@ -19,10 +19,10 @@ from torch.utils.data import IterableDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from l2o.data import MinibatchSampler, seeded_generator
-from l2o.optimizees import MLPOptimizee, Params, grads_of
-from l2o.optimizers import Optimizer, State, apply_updates
-
-INIT_SEED = 20_000  # meta-test optimizees: disjoint from meta-training and meta-validation seeds
+from l2o.inner import inner_step
+from l2o.optimizees import MLPOptimizee, Params
+from l2o.optimizers import Optimizer, State
+from l2o.seeds import TEST_INIT
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class MinibatchStream(IterableDataset):
 
 def init_optimizee(optimizee: MLPOptimizee, seed: int, device=None) -> Params:
     """The meta-test initialisation of run ``seed``: identical for every optimizer."""
-    return optimizee.init(1, seeded_generator(INIT_SEED, seed), device=device)
+    return optimizee.init(1, seeded_generator(TEST_INIT, seed), device=device)
 
 
 class MetaTestSystem(L.LightningModule):
@@ -107,9 +107,9 @@ class MetaTestSystem(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         self.optimizee.check_input(x.shape[-1])
-        loss, grads = grads_of(self.optimizee.loss, self.params, x, y)
+        inner = inner_step(self.optimizee, self.optimizer, self.params, self.opt_state, x, y)
+        loss, grads, updates = inner.loss, inner.grads, inner.updates
         with torch.no_grad():
-            updates, new_state = self.optimizer.update(grads, self.opt_state, self.params)
             acc = self.optimizee.accuracy(self.params, x, y)
         step = batch_idx + 1
         self.snapshot = Snapshot(
@@ -120,8 +120,7 @@ class MetaTestSystem(L.LightningModule):
             raise FloatingPointError(
                 f"{self.name}: optimizee loss is {loss.item()} at step {step} (diverged)"
             )
-        self.params = tuple(p.detach() for p in apply_updates(self.params, updates))
-        self.opt_state = new_state
+        self.params, self.opt_state = inner.params, inner.state
         if step % self.eval_every == 0 or step == self.steps:
             metrics.update(self.evaluate())
         self.log_scalars(metrics, step)

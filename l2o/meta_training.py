@@ -18,19 +18,20 @@ import torch
 from torch import Tensor
 
 from l2o.data import seeded_generator
+from l2o.inner import inner_step
 from l2o.lstm import LSTMOptimizer, detach_state
 from l2o.optimizees import MLPOptimizee, build_optimizee, spec_of
-from l2o.optimizers import Params, apply_updates
+from l2o.optimizers import Params
+from l2o.seeds import VAL_INIT
 from l2o.symmetry import constraints_of, penalty
-
-VAL_SEED = 10_000  # meta-validation optimizees: the same seeds every epoch
 
 
 class MetaTrainingSystem(L.LightningModule):
     """Meta-trains an :class:`~l2o.lstm.LSTMOptimizer` on an optimizee family.
 
     Args:
-        optimizer: the learned optimizer (a plain ``nn.Module``); default: the study's LSTM.
+        learned_optimizer: the learned optimizer (a plain ``nn.Module``); default: the study's
+            LSTM. The meta-optimizer (Adam on its weights) is ``configure_optimizers``'s.
         optimizee: the optimizee family; default: the study's 784-20-10 Leaky ReLU MLP.
         unroll: optimizee steps per truncation (20 in the study).
         optimizee_steps: steps before the optimizees are replaced by fresh ones (200).
@@ -45,7 +46,7 @@ class MetaTrainingSystem(L.LightningModule):
 
     def __init__(
         self,
-        optimizer: LSTMOptimizer | None = None,
+        learned_optimizer: LSTMOptimizer | None = None,
         optimizee: MLPOptimizee | None = None,
         unroll: int = 20,
         optimizee_steps: int = 200,
@@ -58,9 +59,11 @@ class MetaTrainingSystem(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(optimizer, dict):  # from a checkpoint's hyperparameters
-            optimizer = LSTMOptimizer(**optimizer)
-        self.optimizer = optimizer if optimizer is not None else LSTMOptimizer()
+        if isinstance(learned_optimizer, dict):  # from a checkpoint's hyperparameters
+            learned_optimizer = LSTMOptimizer(**learned_optimizer)
+        self.learned_optimizer = (
+            learned_optimizer if learned_optimizer is not None else LSTMOptimizer()
+        )
         self.optimizee = build_optimizee(optimizee if optimizee is not None else MLPOptimizee())
         if unroll < 1 or optimizee_steps < 1 or population < 1:
             raise ValueError("unroll, optimizee_steps and population must be >= 1")
@@ -78,9 +81,9 @@ class MetaTrainingSystem(L.LightningModule):
             raise ValueError(f"symmetry_beta must be >= 0, got {symmetry_beta}")
         if symmetry_beta > 0:
             self._check_constraint(symmetry_constraint)
-        self.save_hyperparameters(ignore=["optimizer", "optimizee"])
+        self.save_hyperparameters(ignore=["learned_optimizer", "optimizee"])
         # Plain data only, so checkpoints load with weights_only=True.
-        self.hparams["optimizer"] = self.optimizer.config()
+        self.hparams["learned_optimizer"] = self.learned_optimizer.config()
         self.hparams["optimizee"] = spec_of(self.optimizee)
         self.automatic_optimization = False
         self._carry: dict[str, Any] | None = None  # optimizee params, LSTM state, counters
@@ -114,7 +117,8 @@ class MetaTrainingSystem(L.LightningModule):
             self.hparams.population, (self.hparams.seed, self.global_rank, self._runs_started)
         )
         self._runs_started += 1
-        self._carry = {"params": params, "state": self.optimizer.init_state(params), "step": 0}
+        state = self.learned_optimizer.init_state(params)
+        self._carry = {"params": params, "state": state, "step": 0}
 
     # ------------------------------------------------------------------ the unroll
     def unroll(
@@ -134,19 +138,17 @@ class MetaTrainingSystem(L.LightningModule):
         """
         losses, pen = [], x.new_zeros(params[0].shape[0])
         for t in range(x.shape[0]):
-            if not meta or not params[0].requires_grad:
-                params = tuple(p.detach().requires_grad_(True) for p in params)
-            loss = self.optimizee.loss(params, x[t], y[t])
-            grads = torch.autograd.grad(loss.sum(), params, retain_graph=meta)
-            with torch.set_grad_enabled(meta):
-                updates, state = self.optimizer.update(grads, state, params)
-                if beta > 0:
-                    delta = tuple(-u for u in updates)
+            step = inner_step(
+                self.optimizee, self.learned_optimizer, params, state, x[t], y[t], meta=meta
+            )
+            if beta > 0:
+                with torch.set_grad_enabled(meta):
+                    delta = tuple(-u for u in step.updates)
                     pen = pen + penalty(
                         self.optimizee, params, delta, self.hparams.symmetry_constraint
                     )
-                params = apply_updates(params, updates)
-            losses.append(loss.detach() if not meta else loss)
+            params, state = step.params, step.state
+            losses.append(step.loss)
         return torch.stack(losses), pen, params, state
 
     def meta_loss(self, losses: Tensor) -> Tensor:
@@ -169,7 +171,7 @@ class MetaTrainingSystem(L.LightningModule):
             losses, pen, params, state = self.unroll(carry["params"], carry["state"], x, y, beta)
             meta_loss = self.meta_loss(losses)
             objective = meta_loss + beta * pen.mean()
-        opt = self.optimizers()
+        meta_opt = self.optimizers()
         # All ranks must agree to skip, or DDP's gradient all-reduce would hang.
         finite = torch.isfinite(objective.detach()).float()
         finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self._ddp() else finite
@@ -182,13 +184,13 @@ class MetaTrainingSystem(L.LightningModule):
             )
             self._carry = None
             return objective.detach()
-        opt.zero_grad()
+        meta_opt.zero_grad()
         self.manual_backward(objective)
         norm = torch.nn.utils.clip_grad_norm_(
-            self.optimizer.parameters(), self.hparams.grad_clip or math.inf
+            self.learned_optimizer.parameters(), self.hparams.grad_clip or math.inf
         )
         if torch.isfinite(norm):  # the same on all ranks: gradients are all-reduced
-            opt.step()
+            meta_opt.step()
         else:
             warnings.warn(
                 f"non-finite meta-gradient at step {self.global_step}: update skipped",
@@ -221,8 +223,9 @@ class MetaTrainingSystem(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch  # (T, R, B, D): R seeded runs, the same every epoch
         if batch_idx == 0:
-            params = self.fresh_optimizees(x.shape[1], (VAL_SEED, self.hparams.seed))
-            self._val = {"params": params, "state": self.optimizer.init_state(params), "losses": []}
+            params = self.fresh_optimizees(x.shape[1], (VAL_INIT, self.hparams.seed))
+            state = self.learned_optimizer.init_state(params)
+            self._val = {"params": params, "state": state, "losses": []}
         with torch.enable_grad():
             losses, _, params, state = self.unroll(
                 self._val["params"], self._val["state"], x, y, meta=False
@@ -240,11 +243,11 @@ class MetaTrainingSystem(L.LightningModule):
 
     # ------------------------------------------------------------------ plumbing
     def configure_optimizers(self):
-        return torch.optim.Adam(self.optimizer.parameters(), lr=self.hparams.meta_lr)
+        return torch.optim.Adam(self.learned_optimizer.parameters(), lr=self.hparams.meta_lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["l2o"] = {
-            "optimizer_config": self.optimizer.config(),
+            "optimizer_config": self.learned_optimizer.config(),
             "optimizee": spec_of(self.optimizee),
             "runs_started": self._runs_started,
             "carry": _to_cpu(self._carry),

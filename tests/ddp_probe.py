@@ -27,7 +27,9 @@ class RankProbe(L.Callback):
                 "rank": trainer.global_rank,
                 "world_size": trainer.world_size,
                 "global_step": trainer.global_step,
-                "lstm": {k: v.detach().cpu() for k, v in pl_module.optimizer.state_dict().items()},
+                "lstm": {
+                    k: v.detach().cpu() for k, v in pl_module.learned_optimizer.state_dict().items()
+                },
                 "first_batch_sum": self.first_batch_sum,
                 "first_params_sum": self.first_params_sum,
             },

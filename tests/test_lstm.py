@@ -361,17 +361,17 @@ def test_spelled_out_core_matches_lstm_cell_core():
     h = torch.randn(3, 40, 9)
     c = torch.randn(3, 40, 9)
     with torch.no_grad():
-        a = LSTMOptimizer._core(flat, h, c, 10.0, *lstm._weights())
-        b = lstm_mod._core(flat, h, c, 10.0, *lstm._weights())
+        a = lstm_mod._lstm_eager(flat, h, c, 10.0, *lstm._weights())
+        b = lstm_mod._lstm_spelled_out(flat, h, c, 10.0, *lstm._weights())
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
 def test_deepcopy_drops_compiled_function():
-    lstm = _lstm(compile=True)
+    lstm = _lstm(torch_compile=True)
     lstm._compiled = lambda *a: None  # stands for a compiled function
     clone = copy.deepcopy(lstm)
-    assert clone._compiled is None and clone.compile
+    assert clone._compiled is None and clone.torch_compile
     sd, sc = lstm.state_dict(), clone.state_dict()
     assert all(torch.equal(sd[k], sc[k]) for k in sd)
 
@@ -382,7 +382,7 @@ def test_compile_gives_same_updates():
     trajectory would compare float noise, since coordinates with |g| < e^-p (e.g. the biases
     feeding BatchNorm, whose true gradient is 0) are multiplied by e^p ~ 2e4."""
     eager = _lstm(seed=14)
-    compiled = _lstm(seed=14, compile=True)
+    compiled = _lstm(seed=14, torch_compile=True)
     opt, params, x, y = _problem(population=2, batchnorm=True, sizes=(6, 5, 4, 3))
     se, sc = eager.init_state(params), compiled.init_state(params)
     for _ in range(3):

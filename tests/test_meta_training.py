@@ -42,12 +42,12 @@ def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
 
 
 def lstm_weights(module: MetaTrainingSystem) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.optimizer.parameters()])
+    return torch.cat([p.detach().flatten() for p in module.learned_optimizer.parameters()])
 
 
 def test_fit_through_cli_writes_checkpoints_and_learns(tmp_path, mnist_root):
     before = lstm_weights(
-        MetaTrainingSystem(optimizer=None, optimizee={"sizes": [784, 8, 10]})
+        MetaTrainingSystem(learned_optimizer=None, optimizee={"sizes": [784, 8, 10]})
     )  # default init is seeded below
     cli = fit(tmp_path, mnist_root)
     trainer, model = cli.trainer, cli.model
@@ -115,7 +115,9 @@ def test_ddp_two_cpu_processes_keep_meta_parameters_identical(tmp_path, mnist_ro
     for key in r0["lstm"]:
         torch.testing.assert_close(r0["lstm"][key], r1["lstm"][key], rtol=0, atol=0)
     init = MetaTrainingSystem(optimizee={"sizes": [784, 8, 10]})
-    assert any(not torch.equal(r0["lstm"][k], v) for k, v in init.optimizer.state_dict().items())
+    assert any(
+        not torch.equal(r0["lstm"][k], v) for k, v in init.learned_optimizer.state_dict().items()
+    )
 
 
 @pytest.mark.parametrize(

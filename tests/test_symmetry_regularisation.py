@@ -43,7 +43,7 @@ def held_out_deviation(model: MetaTrainingSystem, dm: MNISTDataModule) -> float:
     gen = seeded_generator(123)
     idx = torch.randint(0, len(dm.train_x), (8, 4, 32), generator=gen)
     params = model.fresh_optimizees(4, (99,))
-    state = model.optimizer.init_state(params)
+    state = model.learned_optimizer.init_state(params)
     with torch.enable_grad():
         _, pen, _, _ = model.unroll(
             params, state, dm.train_x[idx], dm.train_y[idx], beta=1.0, meta=False
@@ -63,10 +63,12 @@ def test_penalty_gradient_reaches_every_lstm_parameter(mnist_root, constraint, o
     x, y = next(iter(dm.train_dataloader()))
     params = model.fresh_optimizees(1, (0,))
     with torch.enable_grad():
-        _, pen, _, _ = model.unroll(params, model.optimizer.init_state(params), x, y, beta=1.0)
-        grads = torch.autograd.grad(pen.sum(), list(model.optimizer.parameters()))
+        _, pen, _, _ = model.unroll(
+            params, model.learned_optimizer.init_state(params), x, y, beta=1.0
+        )
+        grads = torch.autograd.grad(pen.sum(), list(model.learned_optimizer.parameters()))
     assert pen.item() > 0
-    for (name, _), g in zip(model.optimizer.named_parameters(), grads):
+    for (name, _), g in zip(model.learned_optimizer.named_parameters(), grads):
         assert torch.isfinite(g).all() and g.abs().sum() > 0, name
 
 
