@@ -145,8 +145,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._nets = {}
 
     def __repr__(self) -> str:
-        head = f"{type(self).__name__}({type(self.learned_optimizer).__name__}"
-        return super().__repr__().replace(type(self).__name__ + " (", head + ", ", 1)
+        name = type(self).__name__
+        head = f"{name}[{type(self.learned_optimizer).__name__}] ("
+        return super().__repr__().replace(name + " (", head, 1)
 
 
 def _resolve(
