@@ -166,7 +166,7 @@ class TorchOptimizer:
 
     optimizer_class: type | str
     lr: float | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     elementwise: bool | None = None
     upcast: bool | None = None
     name: str = ""

@@ -435,3 +435,20 @@ def test_heavyball_soap_follows_its_training_loop(monkeypatch):
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("elementwise", [True, False], ids=["stacked", "loop"])
+def test_several_extra_leading_dims(elementwise):
+    """Gradients shaped (2, 3, P, ...) replay as 6 gradients, returned in that shape."""
+    _, params, loss_fn, _ = _problem(population=2)
+    opt = TorchOptimizer("torch.optim.Adam", 1e-2, elementwise=elementwise)
+    state = opt.update(_grads(loss_fn, params), opt.init_state(params), params)[1]
+    gen = torch.Generator().manual_seed(4)
+    batch = tuple(torch.randn(2, 3, *p.shape, generator=gen, dtype=DTYPE) for p in params)
+    out = opt.update(batch, state, params)[0]
+    flat = opt.update(tuple(b.reshape(6, *b.shape[2:]) for b in batch), state, params)[0]
+    for o, f, p in zip(out, flat, params):
+        assert o.shape == (2, 3, *p.shape)
+        torch.testing.assert_close(o.reshape(6, *p.shape), f, atol=0, rtol=0)
+    single = opt.update(tuple(b[1, 2] for b in batch), state, params)[0]
+    _close([tuple(o[1, 2] for o in out)], [single], atol=1e-14, rtol=1e-14)
