@@ -298,9 +298,12 @@ class TorchOptimizer:
             return t.clone()
 
         opt.load_state_dict(_map_tensors(member, fwd))
-        # The adapter's hyperparameters win over those saved in the state (a tuned lr).
-        for group in opt.param_groups:
-            group.update(self._kwargs())
+        # The adapter's learning rate wins over the one saved in the state (a state reused
+        # across a tuning grid). Only lr: other options may be transformed by a constructor.
+        if self.lr is not None:
+            for group in opt.param_groups:
+                if "lr" in group:
+                    group["lr"] = self.lr
         return opt
 
     def _step(self, group: list[Tensor], grads: list[Tensor], member: dict, export: bool = True):

@@ -452,3 +452,14 @@ def test_several_extra_leading_dims(elementwise):
         torch.testing.assert_close(o.reshape(6, *p.shape), f, atol=0, rtol=0)
     single = opt.update(tuple(b[1, 2] for b in batch), state, params)[0]
     _close([tuple(o[1, 2] for o in out)], [single], atol=1e-14, rtol=1e-14)
+
+
+def test_the_adapters_lr_wins_over_the_states():
+    """A state made under one rate, stepped by an adapter of another: the adapter's rate."""
+    _, params, loss_fn, _ = _problem()
+    grads = _grads(loss_fn, params)
+    slow, fast = (make_torch_optimizer("torch.optim.SGD", lr) for lr in (0.1, 0.3))
+    u_slow = slow.update(grads, slow.init_state(params), params)[0]
+    u_fast = fast.update(grads, slow.init_state(params), params)[0]
+    for a, b in zip(u_slow, u_fast):
+        torch.testing.assert_close(3 * a, b)
