@@ -174,14 +174,23 @@ def test_particle_optimizer_equals_each_particle_alone(kind):
 
 
 # --------------------------------------------------------------------------- the formula
-@pytest.mark.parametrize("kind", ["log", "sum"])
+@pytest.mark.parametrize("kind", ["log", "sum", "log+penalty"])
 def test_estimates_equal_pes_formula_over_three_truncations(kind):
     """Truncation k's estimate = 1/(2Nσ²) Σ_i ξ_ik (L⁺_ik − L⁻_ik), with ξ_ik = ε_i1 + ... + ε_ik
     and L±_ik the meta-loss of truncation k of an optimizee driven by θ ± ε_i1, ..., θ ± ε_ik
-    (each ε in its own truncation): recomputed here by a plain loop over pairs and signs."""
+    (each ε in its own truncation): recomputed here by a plain loop over pairs and signs.
+    With a penalty, L gains Σ_t penalty(params_t, updates_t)."""
+    kind, _, with_penalty = kind.partition("+")
+
+    def penalty(params, updates):  # any per-particle function of (params before, updates)
+        return 3.0 * sum(
+            (u * p).flatten(1).sum(1) + (u**2).flatten(1).sum(1) for u, p in zip(updates, params)
+        )
+
     lo, optimizee, w0, xs, ys = lstm_task(steps=9)
     pairs, sigma, unroll = 3, 0.05, 3
     pes = PES(lo, optimizee, pairs=pairs, sigma=sigma, meta_loss=kind)
+    pen_fn = penalty if with_penalty else None
     gen = torch.Generator().manual_seed(5)
     w = tuple(torch.cat([p, p + 0.01 * torch.randn_like(p), p]) for p in w0)  # 3 tasks
     x = torch.cat([xs, xs.flip(0), xs], 1)
@@ -191,7 +200,7 @@ def test_estimates_equal_pes_formula_over_three_truncations(kind):
     names = list(theta)
     xis, estimates = [torch.zeros(pairs, 0)], []
     for start in range(0, 9, unroll):
-        est = pes.estimate(carry, x[start : start + unroll], y[start : start + unroll], gen)
+        est = pes.estimate(carry, x[start : start + unroll], y[start : start + unroll], gen, pen_fn)
         carry = est.carry
         xis.append(torch.cat([xi.reshape(pairs, -1) for xi in carry["xi"]], 1))
         estimates.append(flat(est.grads))
@@ -212,7 +221,7 @@ def test_estimates_equal_pes_formula_over_three_truncations(kind):
                 state = net.init_state(params)
                 for j in range(k + 1):
                     net.load_state_dict(unflatten(sign * epsilons[j][i]))
-                    losses = []
+                    losses, pen = [], 0.0
                     for t in range(j * unroll, (j + 1) * unroll):
                         leaf = tuple(p.detach().requires_grad_(True) for p in params)
                         loss = optimizee.loss(leaf, x[t, i : i + 1], y[t, i : i + 1])
@@ -221,7 +230,9 @@ def test_estimates_equal_pes_formula_over_three_truncations(kind):
                             u, state = net.update(g, state, leaf)
                         params = tuple(p.detach() + d for p, d in zip(leaf, u))
                         losses.append(loss.detach())
-                meta.append(truncation_meta_loss(torch.stack(losses), kind))
+                        if with_penalty:
+                            pen = pen + penalty(leaf, u).detach()
+                meta.append(truncation_meta_loss(torch.stack(losses), kind) + pen)
             expected += xis[k + 1][i] * (meta[0] - meta[1]).item()
         expected /= 2 * pairs * sigma**2
         torch.testing.assert_close(estimates[k], expected, rtol=1e-7, atol=1e-9)
@@ -358,3 +369,25 @@ def test_bad_input_fails_before_any_work():
     carry = pes.init_carry((torch.zeros(2, 4, dtype=F64),))
     with pytest.raises(ValueError, match="link data.population"):
         pes.estimate(carry, torch.zeros(2, 3, 4, dtype=F64), torch.zeros(2, 3, 1))
+
+
+@pytest.mark.slow
+def test_compiled_pes_equals_eager_pes():
+    torch.manual_seed(0)
+    lo = LSTMOptimizer(hidden_size=4)
+    optimizee = MLPOptimizee(sizes=(5, 3, 2))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 2, 7, 5, generator=gen), torch.randint(0, 2, (3, 2, 7), generator=gen)
+    params = optimizee.init(2, gen)
+    out = []
+    for compiled in (False, True):
+        pes = PES(lo, optimizee, pairs=2, sigma=0.01, torch_compile=compiled)
+        carry = pes.init_carry(params)
+        noise = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            est = pes.estimate(carry, x, y, noise)
+            carry = est.carry
+        out.append(est)
+    for a, b in zip(out[0].grads, out[1].grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[1].carry["state"]["h"], out[0].carry["state"]["h"])
