@@ -14,6 +14,7 @@ the latest state (every epoch end, every ``--checkpoint_minutes`` and on SIGTERM
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -69,10 +70,11 @@ class MetaTrainingCLI(LightningCLI):
         )
         parser.add_argument(
             "--threads",
-            type=int,
-            default=1,
-            help="torch intra-op CPU threads (default 1: fastest for these small tensors, and "
-            "robust on a busy machine; 0: torch's default, one per core).",
+            type=int | None,
+            default=None,
+            help="torch CPU threads per process. Default: 1, unless OMP_NUM_THREADS is set (these "
+            "tensors are small: on a shared 2-core machine 2 threads ran 4-7x slower than 1). "
+            "0: torch's default (one per core).",
         )
         # The study's LSTM unless a config names another class, so that
         # --model.learned_optimizer.init_args.* works without a class_path.
@@ -92,8 +94,11 @@ class MetaTrainingCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         cfg = self.config.get(self.config.get("subcommand") or "", self.config)
-        if cfg.get("threads"):
-            torch.set_num_threads(cfg["threads"])
+        threads = cfg.get("threads")
+        if threads is None and "OMP_NUM_THREADS" not in os.environ:
+            threads = 1
+        if threads:
+            torch.set_num_threads(threads)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:

@@ -22,7 +22,7 @@ from l2o.checkpoints import CheckpointError, load_learned_optimizer
 from l2o.data import MNISTDataModule
 from l2o.meta_training import MetaTrainingDiverged, MetaTrainingSystem
 from tests.conftest import REPO, assert_bit_identical, tiny_args
-from train import ConfigError, cli_main
+from train import cli_main
 
 
 def fit(tmp_path: Path, mnist_root: str, *extra: str, name: str = "tiny"):
@@ -497,7 +497,3 @@ def test_an_epoch_of_skipped_updates_stops_with_a_clear_error(mnist_root):
         pytest.raises(MetaTrainingDiverged, match="every one of the 4"),
     ):
         trainer.fit(model, datamodule=dm)
-
-
-def test_config_error_type_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
