@@ -95,7 +95,7 @@ class MetaTrainingCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         cfg = self.config.get(self.config.get("subcommand") or "", self.config)
         threads = cfg.get("threads")
-        if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        if threads is None and not os.environ.get("OMP_NUM_THREADS"):
             threads = 1
         if threads:
             torch.set_num_threads(threads)
@@ -189,14 +189,19 @@ class MetaTrainingCLI(LightningCLI):
             return
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         stopped = done < trainer.num_training_batches
-        status = "stopped early (time budget or step limit)" if stopped else "done"
-        line = f"Meta-training {status}: {last.last_path} is the final state"
-        if isinstance(best, BestCheckpoint) and best.best_model_path:
-            line += f"; the best by meta-validation is {best.best_model_path}"
-        print(line + ".")
+        folder = last.last_path.parent
+        best_path = getattr(best, "best_model_path", "") if isinstance(best, BestCheckpoint) else ""
+        print(
+            f"Meta-training {'stopped early (time budget or step limit)' if stopped else 'done'}. "
+            f"Checkpoints in {folder}/:"
+        )
+        if best_path:
+            print(f"  {Path(best_path).name}: the best by meta-validation (evaluate this one)")
+        print(f"  {last.last_path.name}: the final state (continue it with --ckpt_path last)")
         if stopped:
             print("Continue it: the same command plus --ckpt_path last (and a larger budget).")
-        print(f"Next: {evaluate_command(last.last_path, self.model, self.datamodule)}")
+        result = Path(best_path) if best_path else last.last_path
+        print(f"Next: {evaluate_command(result, self.model, self.datamodule)}")
 
 
 def evaluate_command(path: Path, model: MetaTrainingSystem, dm: MNISTDataModule) -> str:

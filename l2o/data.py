@@ -212,7 +212,9 @@ def download_mnist(root: str | Path) -> str | None:
         finally:
             socket.setdefaulttimeout(previous)
     except Exception as err:  # no network, a proxy, a full disk: all mean "not downloaded"
-        return f"the download failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        detail = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+        return f"the download failed ({type(err).__name__}: {detail[:300]})"
     return None
 
 

@@ -64,8 +64,10 @@ def test_fit_through_cli_writes_checkpoints_and_learns(tmp_path, mnist_root, cap
     assert metrics["train/skipped_updates"] == 0
     # The last lines say where the result is and what to run next.
     out = capsys.readouterr().out
-    assert f"{folder / 'last.ckpt'} is the final state" in out
-    assert "Next: python evaluate.py" in out and f"--checkpoints '[{folder / 'last.ckpt'}]'" in out
+    best = trainer.checkpoint_callback.best_model_path
+    assert f"Checkpoints in {folder}/:" in out and "last.ckpt: the final state" in out
+    assert f"{Path(best).name}: the best by meta-validation" in out
+    assert "Next: python evaluate.py" in out and f"--checkpoints '[{best}]'" in out
 
 
 def test_checkpoint_format_is_the_contract(tmp_path, mnist_root):
