@@ -47,6 +47,17 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_LOGGER = {"save_dir": "runs", "name": "meta_train", "flush_secs": 10}
 
 
+# ModelCheckpoint options that no longer apply: last.ckpt is RunCheckpoint's (l2o.checkpointing).
+_LAST = "last.ckpt is written at every epoch end and every --checkpoint_minutes (0: every step)"
+RETIRED_OPTIONS = {
+    "--checkpoint.every_n_train_steps": f"{_LAST}, exact to resume",
+    "--checkpoint.train_time_interval": f"{_LAST}",
+    "--checkpoint.save_last": f"{_LAST}, always",
+    "--checkpoint.save_on_exception": "SIGTERM and Ctrl-C save last.ckpt at the next step "
+    "boundary (a crash loses at most --checkpoint_minutes)",
+}
+
+
 class ConfigError(ValueError):
     """The command's configuration is invalid (said before any work)."""
 
@@ -83,6 +94,10 @@ class MetaTrainingCLI(LightningCLI):
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
 
     def parse_arguments(self, parser, args) -> None:
+        for arg in sys.argv[1:] if args is None else args:
+            option = str(arg).split("=", 1)[0]
+            if option in RETIRED_OPTIONS:
+                parser.error(f"{option} is not an option any more: {RETIRED_OPTIONS[option]}")
         super().parse_arguments(parser, args)
         # LightningCLI would replace the model's config by a --ckpt_path file's hyperparameters
         # (silently dropping e.g. --model.meta_lr 0.5, and loading the file unsafely): the
@@ -122,6 +137,8 @@ class MetaTrainingCLI(LightningCLI):
                 self._log_into(self.resume.version)
                 # Lightning warns that the run's checkpoint folder is not empty: it is its own.
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
+            # A budget's clock is in the checkpoint; resuming without a budget does not need it.
+            warnings.filterwarnings("ignore", message=r".*following callbacks: \['Timer'\]")
             self.config_init[self.subcommand]["ckpt_path"] = str(self.resume.path)
             self._print_resume(self.resume, model)
         trainer.callbacks.append(RunCheckpoint(cfg["checkpoint_minutes"], seed_everything=seed))
@@ -188,7 +205,12 @@ class MetaTrainingCLI(LightningCLI):
         if last is None or not last.last_path.is_file():
             return
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        stopped = done < trainer.num_training_batches
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        stopped = (
+            trainer.should_stop  # the time budget
+            or done < trainer.num_training_batches  # a step limit mid-epoch
+            or trainer.current_epoch < max_epochs  # a step limit at an epoch's end
+        )
         folder = last.last_path.parent
         best_path = getattr(best, "best_model_path", "") if isinstance(best, BestCheckpoint) else ""
         print(

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX
     )
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make checkpoints private
         with os.fdopen(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])
@@ -123,6 +125,12 @@ def atomic_save(obj: Any, path: Path) -> None:
             ) from err
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -331,6 +339,12 @@ class BestCheckpoint(ModelCheckpoint):
         dm = getattr(trainer, "datamodule", None)
         if trainer.limit_val_batches == 0 or getattr(dm, "val_steps", None) == 0:
             self.save_top_k = 0  # nothing to rank: last.ckpt is the result
+            if stage == "fit" and trainer.is_global_zero:
+                warnings.warn(
+                    "no meta-validation (data.val_steps=0 or trainer.limit_val_batches=0), so no "
+                    "best checkpoint is chosen; the run's result is its last.ckpt.",
+                    stacklevel=2,
+                )
 
 
 class RunCheckpoint(Checkpoint):

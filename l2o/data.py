@@ -410,12 +410,6 @@ class MNISTDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if val_steps < 0:
             raise ValueError(f"data.val_steps must be >= 0, got {val_steps}")
-        if val_steps == 0:
-            warnings.warn(
-                "data.val_steps=0: no meta-validation, so no best checkpoint is chosen; the run's "
-                "result is its last.ckpt.",
-                stacklevel=2,
-            )
         self.save_hyperparameters()
         self.root, self.download, self.batch_size = root, download, batch_size
         self.normalize, self.sampling_seed = normalize, sampling_seed

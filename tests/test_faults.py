@@ -175,6 +175,19 @@ except CheckpointWriteError as err:
 """
 
 
+def test_atomic_save_writes_what_torch_save_writes(tmp_path):
+    from l2o.checkpointing import atomic_save
+
+    obj = {"w": torch.arange(5.0), "meta": {"k": (1, 2)}}
+    atomic_save(obj, tmp_path / "a.ckpt")
+    torch.save(obj, tmp_path / "b.ckpt")
+    a, b = load(tmp_path / "a.ckpt"), load(tmp_path / "b.ckpt")
+    assert torch.equal(a["w"], b["w"]) and a["meta"] == b["meta"] == {"k": (1, 2)}
+    # ... with the same permissions as a plain file (not mkstemp's private 0600)
+    assert (tmp_path / "a.ckpt").stat().st_mode == (tmp_path / "b.ckpt").stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]
+
+
 def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / LAST
     torch.save({"w": torch.ones(10)}, path)

@@ -305,6 +305,17 @@ def test_only_fit_is_offered(tmp_path, mnist_root):
         assert err.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "option", ["--checkpoint.every_n_train_steps", "--checkpoint.save_on_exception"]
+)
+def test_retired_checkpoint_options_say_what_replaced_them(tmp_path, mnist_root, option, capsys):
+    with pytest.raises(SystemExit) as err:
+        fit(tmp_path, mnist_root, option, "3" if "steps" in option else "true")
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{option} is not an option any more" in message and "last.ckpt" in message
+
+
 def test_model_and_data_seeds_are_separate_options(tmp_path, mnist_root):
     a = fit(
         tmp_path,
