@@ -124,14 +124,12 @@ class MetaTrainingCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         trainer, model, dm = self.trainer, self.model, self.datamodule
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        try:
-            last = RunCheckpoint(
-                cfg["checkpoint_minutes"], seed_everything=cfg.get("seed_everything")
-            )
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
         seed = cfg.get("seed_everything")
         seed = None if isinstance(seed, bool) else seed
+        try:
+            last = RunCheckpoint(cfg["checkpoint_minutes"], seed_everything=seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         current = run_config(dict(model.hparams), dict(dm.hparams), trainer.world_size, seed)
         logger = trainer.logger
         run_root = Path(logger.save_dir, logger.name) if logger and logger.save_dir else None
@@ -147,7 +145,6 @@ class MetaTrainingCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=r".*following callbacks: \['Timer'\]")
             self.config_init[self.subcommand]["ckpt_path"] = str(self.resume.path)
             self._print_resume(self.resume, model)
-        last.seed_everything = seed
         trainer.callbacks.append(last)
 
     def _resolve(self, requested: str | None, current: dict, run_root: Path | None):
