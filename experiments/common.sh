@@ -12,7 +12,8 @@ else
   TRAIN_BUDGET=(--trainer.max_time "$(printf "00:%02d:%02d:00" $((${TRAIN_MINUTES:-45} / 60)) $((${TRAIN_MINUTES:-45} % 60)))")
   EVAL_STEPS=${EVAL_STEPS:-1000}; EVAL_SEEDS=${EVAL_SEEDS:-3}
 fi
-train() {  # train CONFIG [more args]: meta-train, resuming the newest run if one exists
+train() {  # train CONFIG [more args]: meta-train a new run (to continue a killed one, run the same
+           # train.py command with --ckpt_path last and a budget that is not used up)
   $PY train.py fit --config "$@" --data.root "$DATA_ROOT" "${TRAIN_BUDGET[@]}"
 }
 checkpoint() { $PY -m l2o.checkpoints "$1" "${2:-best}"; }

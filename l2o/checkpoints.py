@@ -1,44 +1,128 @@
-"""Loading learned optimizers from meta-training checkpoints, safely and with clear errors."""
+"""Reading meta-training checkpoints, safely and with clear errors.
+
+The checkpoint format (written by :class:`l2o.meta_training.MetaTrainingSystem`): a Lightning
+checkpoint whose ``"l2o"`` entry holds
+
+- ``learned_optimizer_class``: the qualified class name, one of :data:`LEARNED_OPTIMIZERS`;
+- ``learned_optimizer_config``: plain dict, the class's ``config()`` (its constructor's kwargs);
+- ``optimizee``: the optimizee family's spec (:func:`l2o.optimizees.spec_of`);
+- ``run_config``: what a resume must match (see :mod:`l2o.checkpointing`), plus the carried
+  optimizees and counters a resume needs.
+
+The learned optimizer's weights are the ``state_dict`` keys prefixed ``learned_optimizer.``.
+Checkpoints of older versions (``"optimizer_config"``, prefix ``optimizer.``) still load.
+Files are read with ``torch.load(weights_only=True)``: loading a checkpoint cannot run code, and
+a class is only ever imported when it is on the allow-list, never from a name found in a file.
+"""
 
 from __future__ import annotations
 
-import pickle
+import importlib
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from l2o.lstm import LSTMOptimizer
 from l2o.optimizees import MLPOptimizee, build_optimizee
+
+# The learned-optimizer classes a checkpoint may name. Imported lazily, only when named.
+LEARNED_OPTIMIZERS = ("l2o.lstm.LSTMOptimizer", "l2o.mlp_lopt.MLPLOpt")
+LEGACY_CLASS = "l2o.lstm.LSTMOptimizer"  # what checkpoints without a class name hold
 
 
 class CheckpointError(ValueError):
     """The file is not a readable l2o-dynamics learned-optimizer checkpoint."""
 
 
-def load_learned_optimizer(path: str | Path) -> tuple[LSTMOptimizer, MLPOptimizee]:
-    """(the LSTM optimizer in eval mode, the optimizee family it was meta-trained on).
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    Reads with ``weights_only=True``: a checkpoint cannot run code when it is loaded.
-    """
+
+def learned_optimizer_class(name: str) -> type[nn.Module]:
+    """The allow-listed learned-optimizer class ``name``, e.g. ``l2o.lstm.LSTMOptimizer``."""
+    if name not in LEARNED_OPTIMIZERS:
+        raise CheckpointError(
+            f"unknown learned-optimizer class {name!r}; this version knows "
+            f"{', '.join(LEARNED_OPTIMIZERS)}"
+        )
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(
+            f"the learned-optimizer class {name!r} is not available in this installation ({err})"
+        ) from err
+
+
+def build_learned_optimizer(name: str, config: dict[str, Any]) -> nn.Module:
+    cls = learned_optimizer_class(name)
+    try:
+        return cls(**config)
+    except TypeError as err:
+        raise CheckpointError(f"{name} does not accept the saved config {config}: {err}") from err
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True``. A missing file is
+    a FileNotFoundError; an unreadable, truncated or foreign one a :class:`CheckpointError` that
+    says which (and never suggests unsafe loading)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as err:
+        with warnings.catch_warnings():  # torch's note on pickle protocols of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise CheckpointError(f"could not read {path}: {err.strerror or err}") from err
+    except Exception as err:  # foreign bytes fail in many ways inside the unpickler
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"  # torch.save's format is a zip archive
+        if is_zip or isinstance(err, (zipfile.BadZipFile, EOFError)):
+            raise CheckpointError(
+                f"could not read {path}: the file is truncated or corrupt "
+                f"({path.stat().st_size} bytes, its archive is unreadable: an interrupted copy "
+                "or save?). Use another checkpoint of the run."
+            ) from err
         raise CheckpointError(
-            f"could not read {path}: not a PyTorch checkpoint, corrupt, or it holds objects "
-            f"that weights_only loading refuses ({type(err).__name__}: {str(err)[:200]})"
+            f"could not read {path}: it is not a checkpoint written by `train.py fit` (not a "
+            "PyTorch file at all, or it holds objects that safe loading refuses to import)"
         ) from err
-    if not isinstance(ckpt, dict) or "l2o" not in ckpt or "state_dict" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint written by `train.py fit`"
+        )
+    return ckpt
+
+
+def read_l2o_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`read_checkpoint`, and it must be an l2o-dynamics meta-training checkpoint."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("l2o"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        keys = sorted(map(str, ckpt))[:8]
         raise CheckpointError(
             f"{path} is not an l2o-dynamics learned-optimizer checkpoint (no 'l2o' entry; "
             f"found {keys}); use a checkpoint written by `python train.py fit`"
         )
+    return ckpt
+
+
+def learned_optimizer_spec(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(class name, config) of the checkpoint's learned optimizer, for every format version."""
     meta = ckpt["l2o"]
-    net = LSTMOptimizer(**meta["optimizer_config"])
+    if "learned_optimizer_class" in meta:
+        return meta["learned_optimizer_class"], dict(meta["learned_optimizer_config"])
+    return LEGACY_CLASS, dict(meta["optimizer_config"])
+
+
+def load_learned_optimizer(path: str | Path) -> tuple[nn.Module, MLPOptimizee]:
+    """(the learned optimizer in eval mode, the optimizee family it was meta-trained on)."""
+    ckpt = read_l2o_checkpoint(path)
+    name, config = learned_optimizer_spec(ckpt)
+    net = build_learned_optimizer(name, config)
     # "optimizer." in checkpoints written before the learned optimizer got its own name
     prefix = next(
         (
@@ -52,8 +136,8 @@ def load_learned_optimizer(path: str | Path) -> tuple[LSTMOptimizer, MLPOptimize
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: the LSTM weights do not fit its config: {err}") from err
-    return net.eval(), build_optimizee(meta["optimizee"])
+        raise CheckpointError(f"{path}: the weights do not fit {name}({config}): {err}") from err
+    return net.eval(), build_optimizee(ckpt["l2o"]["optimizee"])
 
 
 def find_checkpoint(run_root: str | Path, which: str = "best") -> Path:

@@ -5,6 +5,10 @@ meta-optimizer step on the gradient of the meta-loss through the unroll. The opt
 and the LSTM's hidden states are carried (detached) to the next step and replaced by freshly
 initialised optimizees every ``optimizee_steps`` steps. They are plain tensors, not parameters,
 and they are saved in checkpoints so that a resumed run continues the same optimizees.
+
+A non-finite meta-loss or meta-gradient skips that meta-update on every rank (counted in
+``train/skipped_updates``); an epoch whose every update was skipped stops the run with
+:class:`MetaTrainingDiverged`. ``global_step`` counts the meta-updates actually applied.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from l2o.checkpoints import LEGACY_CLASS, build_learned_optimizer, qualified_name
 from l2o.data import seeded_generator
 from l2o.inner import inner_step
 from l2o.lstm import LSTMOptimizer, detach_state
@@ -25,20 +30,31 @@ from l2o.optimizers import Params
 from l2o.seeds import VAL_INIT
 from l2o.symmetry import constraints_of, penalty
 
+# The meta-loss sums the losses seen *before* each update (the study's code): the loss at step t
+# depends on the updates 1..t-1 of the truncation, so a truncation needs >= 2 steps for any loss
+# to depend on the learned optimizer.
+MIN_UNROLL = 2
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """Every meta-update of an epoch was skipped (non-finite meta-loss or meta-gradient)."""
+
 
 class MetaTrainingSystem(L.LightningModule):
-    """Meta-trains an :class:`~l2o.lstm.LSTMOptimizer` on an optimizee family.
+    """Meta-trains a learned optimizer (by default the study's LSTM) on an optimizee family.
 
     Args:
-        learned_optimizer: the learned optimizer (a plain ``nn.Module``); default: the study's
-            LSTM. The meta-optimizer (Adam on its weights) is ``configure_optimizers``'s.
+        learned_optimizer: the learned optimizer: any ``nn.Module`` with the optimizer protocol
+            (``init_state``, ``update``) and ``config()`` (its constructor's kwargs, plain data),
+            e.g. ``class_path: l2o.lstm.LSTMOptimizer`` in YAML; default: the study's LSTM. The
+            meta-optimizer (Adam on its weights) is ``configure_optimizers``'s.
         optimizee: the optimizee family; default: the study's 784-20-10 Leaky ReLU MLP.
         unroll: optimizee steps per truncation (20 in the study).
         optimizee_steps: steps before the optimizees are replaced by fresh ones (200).
         population: optimizees trained side by side in one vectorized step.
         meta_lr: Adam learning rate of the meta-optimizer.
         meta_loss: ``log`` (log of the summed unroll losses, the study) or ``sum``.
-        grad_clip: clip the meta-gradient to this global norm (None: no clipping).
+        grad_clip: clip the meta-gradient to this global norm (> 0; None: no clipping).
         symmetry_beta: weight of the symmetry-breaking penalty beta * sum_t sum_j |d_j(-update_t)|.
         symmetry_constraint: ``rescale`` (Leaky ReLU) or ``scale`` (BatchNorm) for the penalty.
         seed: base seed of the optimizees' initialisations (mixed with the DDP rank).
@@ -46,7 +62,7 @@ class MetaTrainingSystem(L.LightningModule):
 
     def __init__(
         self,
-        learned_optimizer: LSTMOptimizer | None = None,
+        learned_optimizer: nn.Module | None = None,
         optimizee: MLPOptimizee | None = None,
         unroll: int = 20,
         optimizee_steps: int = 200,
@@ -60,13 +76,35 @@ class MetaTrainingSystem(L.LightningModule):
     ) -> None:
         super().__init__()
         if isinstance(learned_optimizer, dict):  # from a checkpoint's hyperparameters
-            learned_optimizer = LSTMOptimizer(**learned_optimizer)
+            if "class_path" in learned_optimizer:
+                learned_optimizer = build_learned_optimizer(
+                    learned_optimizer["class_path"], learned_optimizer.get("init_args", {})
+                )
+            else:  # written before the class was recorded: the LSTM
+                learned_optimizer = build_learned_optimizer(LEGACY_CLASS, learned_optimizer)
         self.learned_optimizer = (
             learned_optimizer if learned_optimizer is not None else LSTMOptimizer()
         )
+        missing = [
+            m
+            for m in ("init_state", "update", "config")
+            if not callable(getattr(self.learned_optimizer, m, None))
+        ]
+        if not isinstance(self.learned_optimizer, nn.Module) or missing:
+            raise TypeError(
+                f"learned_optimizer must be an nn.Module with init_state, update and config; "
+                f"{type(self.learned_optimizer).__name__} lacks {missing or 'nn.Module'}"
+            )
         self.optimizee = build_optimizee(optimizee if optimizee is not None else MLPOptimizee())
-        if unroll < 1 or optimizee_steps < 1 or population < 1:
-            raise ValueError("unroll, optimizee_steps and population must be >= 1")
+        if optimizee_steps < 1 or population < 1:
+            raise ValueError("optimizee_steps and population must be >= 1")
+        if unroll < MIN_UNROLL:
+            raise ValueError(
+                f"unroll={unroll}: the meta-loss sums the optimizee losses seen before each update "
+                "(as the study's code does), so with fewer than 2 steps per truncation no loss "
+                "depends on the learned optimizer and nothing is meta-trained. Use unroll >= 2 "
+                "(20 in the study)."
+            )
         if unroll > optimizee_steps:
             raise ValueError(f"unroll={unroll} exceeds optimizee_steps={optimizee_steps}")
         if optimizee_steps % unroll:
@@ -77,18 +115,34 @@ class MetaTrainingSystem(L.LightningModule):
             raise ValueError(f"meta_loss must be 'log' or 'sum', got {meta_loss!r}")
         if meta_lr <= 0:
             raise ValueError(f"meta_lr must be > 0, got {meta_lr}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be > 0 (the largest meta-gradient norm kept), or null for no "
+                f"clipping; got {grad_clip} (a negative bound would flip the meta-gradient)"
+            )
         if symmetry_beta < 0:
             raise ValueError(f"symmetry_beta must be >= 0, got {symmetry_beta}")
         if symmetry_beta > 0:
             self._check_constraint(symmetry_constraint)
         self.save_hyperparameters(ignore=["learned_optimizer", "optimizee"])
         # Plain data only, so checkpoints load with weights_only=True.
-        self.hparams["learned_optimizer"] = self.learned_optimizer.config()
+        self.hparams["learned_optimizer"] = {
+            "class_path": self.learned_optimizer_class,
+            "init_args": dict(self.learned_optimizer.config()),
+        }
         self.hparams["optimizee"] = spec_of(self.optimizee)
         self.automatic_optimization = False
         self._carry: dict[str, Any] | None = None  # optimizee params, LSTM state, counters
         self._runs_started = 0
         self._val: dict[str, Any] = {}
+        # Skipped meta-updates: in all, and in this epoch out of its training steps.
+        self._skipped = 0
+        self._epoch_skipped = self._epoch_steps = 0
+        self._resumed: dict[str, Any] | None = None  # the checkpoint's "l2o" entry, on resume
+
+    @property
+    def learned_optimizer_class(self) -> str:
+        return qualified_name(type(self.learned_optimizer))
 
     def _check_constraint(self, constraint: str) -> None:
         if constraint not in ("rescale", "scale"):
@@ -172,16 +226,12 @@ class MetaTrainingSystem(L.LightningModule):
             meta_loss = self.meta_loss(losses)
             objective = meta_loss + beta * pen.mean()
         meta_opt = self.optimizers()
+        self._epoch_steps += 1
         # All ranks must agree to skip, or DDP's gradient all-reduce would hang.
         finite = torch.isfinite(objective.detach()).float()
         finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self._ddp() else finite
         if finite.item() < 1:
-            warnings.warn(
-                f"non-finite meta-loss at step {self.global_step}: update skipped and "
-                "the optimizees restarted",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._skip(batch_idx, "non-finite meta-loss: update skipped, optimizees restarted")
             self._carry = None
             return objective.detach()
         meta_opt.zero_grad()
@@ -192,11 +242,7 @@ class MetaTrainingSystem(L.LightningModule):
         if torch.isfinite(norm):  # the same on all ranks: gradients are all-reduced
             meta_opt.step()
         else:
-            warnings.warn(
-                f"non-finite meta-gradient at step {self.global_step}: update skipped",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._skip(batch_idx, "non-finite meta-gradient: update skipped")
         self._carry = {
             "params": tuple(p.detach() for p in params),
             "state": detach_state(state),
@@ -215,6 +261,31 @@ class MetaTrainingSystem(L.LightningModule):
         if beta > 0:
             self.log("train/symmetry_penalty", pen.detach().mean())
         return objective.detach()
+
+    def _skip(self, batch_idx: int, what: str) -> None:
+        self._skipped += 1
+        self._epoch_skipped += 1
+        self.log("train/skipped_updates", float(self._skipped))
+        warnings.warn(
+            f"epoch {self.current_epoch}, batch {batch_idx}: {what} ({self._skipped} skipped "
+            "so far; see train/skipped_updates)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when Lightning resumes mid-epoch: the restored counts carry on.
+        self._epoch_skipped = self._epoch_steps = 0
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/skipped_updates", float(self._skipped))
+        if self._epoch_steps and self._epoch_skipped == self._epoch_steps:
+            raise MetaTrainingDiverged(
+                f"every one of the {self._epoch_steps} meta-updates of epoch "
+                f"{self.current_epoch} was skipped (non-finite meta-loss or meta-gradient): "
+                "meta-training has diverged. Lower --model.meta_lr, clip with "
+                "--model.grad_clip 1.0, or resume from an earlier checkpoint."
+            )
 
     def _ddp(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
@@ -246,20 +317,50 @@ class MetaTrainingSystem(L.LightningModule):
         return torch.optim.Adam(self.learned_optimizer.parameters(), lr=self.hparams.meta_lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["l2o"] = {
-            "optimizer_config": self.learned_optimizer.config(),
-            "optimizee": spec_of(self.optimizee),
-            "runs_started": self._runs_started,
-            "carry": _to_cpu(self._carry),
-        }
+        # Every rank carries its own optimizees; rank 0 writes the file, so gather them (every
+        # rank runs this hook for every save: Trainer.save_checkpoint is collective).
+        carry = _to_cpu(self._carry)
+        carries = [carry]
+        if self._ddp() and torch.distributed.is_initialized():
+            carries = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(carries, carry)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        checkpoint.setdefault("l2o", {}).update(
+            {
+                "format": 2,
+                "learned_optimizer_class": self.learned_optimizer_class,
+                "learned_optimizer_config": dict(self.learned_optimizer.config()),
+                "optimizee": spec_of(self.optimizee),
+                "world_size": self.trainer.world_size if self._trainer else 1,
+                "data": dm.fingerprint if getattr(dm, "train_y", None) is not None else None,
+                "runs_started": self._runs_started,
+                "carries": carries,  # indexed by rank
+                "skipped_updates": self._skipped,
+                "epoch_counts": [self._epoch_steps, self._epoch_skipped],
+            }
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("l2o", {})
+        self._resumed = saved
         self._runs_started = saved.get("runs_started", 0)
-        carry = saved.get("carry")
+        self._skipped = saved.get("skipped_updates", 0)
+        self._epoch_steps, self._epoch_skipped = saved.get("epoch_counts", (0, 0))
+        if "carries" in saved:
+            carries = saved["carries"]
+            rank = self.global_rank if self._trainer else 0
+            if len(carries) != (self.trainer.world_size if self._trainer else 1):
+                raise ValueError(
+                    f"the checkpoint was written by {len(carries)} DDP processes, this run has "
+                    f"{self.trainer.world_size}: resume with --trainer.devices/num_nodes as before"
+                )
+            carry = carries[rank]
+        else:  # written by an older version: one carry
+            carry = saved.get("carry")
+            if carry is not None and "shapes" in carry["state"]:
+                carry["state"]["shapes"] = tuple(tuple(s) for s in carry["state"]["shapes"])
         if carry is not None:
             carry["params"] = tuple(carry["params"])
-            carry["state"]["shapes"] = tuple(tuple(s) for s in carry["state"]["shapes"])
         self._carry = carry
 
     def on_train_start(self) -> None:
@@ -267,6 +368,19 @@ class MetaTrainingSystem(L.LightningModule):
             self._carry = torch.utils._pytree.tree_map(
                 lambda t: t.to(self.device) if isinstance(t, Tensor) else t, self._carry
             )
+        # Lightning restores the meta-optimizer's learning rate from a checkpoint; the command's
+        # --model.meta_lr wins (train.py prints the change).
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = self.hparams.meta_lr
+        if self._resumed is not None:
+            dm = getattr(self.trainer, "datamodule", None)
+            saved, now = self._resumed.get("data"), getattr(dm, "fingerprint", None)
+            if saved is not None and now is not None and saved != now:
+                raise ValueError(
+                    f"the checkpoint was meta-trained on other data ({saved}) than this run's "
+                    f"({now}): resume with the same --data.root"
+                )
 
 
 def _to_cpu(tree: Any) -> Any:

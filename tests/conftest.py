@@ -41,3 +41,62 @@ def mnist_root(tmp_path_factory) -> str:
     write_idx(raw, "train", x[:1000], y[:1000])
     write_idx(raw, "t10k", x[1000:1500], y[1000:1500])
     return str(root)
+
+
+# ---------------------------------------------------------------- meta-training helpers
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def tiny_args(save_dir: Path | str, mnist_root: str, name: str = "tiny") -> list[str]:
+    """`train.py fit` on the tiny config, the fixture's MNIST, logs and checkpoints below
+    ``save_dir/name``."""
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.root",
+        mnist_root,
+        "--data.download",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--trainer.logger.init_args.name",
+        name,
+    ]
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}/").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}{i}/").items()}
+    return {prefix: obj}
+
+
+def training_state(ckpt: dict) -> dict:
+    """Everything that decides how a resumed run continues, flattened: the learned optimizer's
+    weights, the meta-optimizer's (Adam's) state, the step, the carried optimizees and their
+    optimizer states, the data stream's position."""
+    return _flat(
+        {
+            "state_dict": ckpt["state_dict"],
+            "optimizer_states": ckpt["optimizer_states"],
+            "global_step": ckpt["global_step"],
+            "epoch": ckpt["epoch"],
+            "carries": ckpt["l2o"]["carries"],
+            "runs_started": ckpt["l2o"]["runs_started"],
+            "stream": ckpt["loops"]["fit_loop"]["state_dict"].get("combined_loader"),
+        }
+    )
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    """Two checkpoints' training states are equal bit for bit (tensors with torch.equal)."""
+    fa, fb = training_state(a), training_state(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        x, y = fa[key], fb[key]
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), key
+        else:
+            assert x == y, key
