@@ -106,7 +106,7 @@ class SymmetryBreaking(Analysis):
             Panel(
                 f"symmetry/grad/{c}/abs_sum",
                 f"{NAMES[c]} symmetry of the gradient (sanity check: ~0)",
-                r"$\sum_j |d_j|$",
+                r"$\sum_j |d_j|$" if c != "translation" else r"$\sum_i |d_i|$",
                 yscale="log",
                 sanity=True,
             )
