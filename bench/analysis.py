@@ -35,11 +35,11 @@ from l2o.covariance import (  # noqa: E402
     covariance_analysis,
     flatten,
     per_sample_grads,
-    per_sample_updates,
     update_covariance,
 )
 from l2o.lstm import LSTMOptimizer  # noqa: E402
 from l2o.optimizees import MLPOptimizee, grads_of  # noqa: E402
+from l2o.optimizers import chunked_replay, replay  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []  # (analysis, ours, reference, note)
 
@@ -93,7 +93,7 @@ def loop_updates(optimizee, params, opt, state, x, y):
 
 def fast_updates(optimizee, params, opt, state, x, y):
     g, t_grads = timed(per_sample_grads, optimizee, params, x, y)
-    u, t_upd = timed(per_sample_updates, opt, g, state, params)
+    u, t_upd = timed(replay, opt, g, state, params)  # LSTMOptimizer.replay: l2o.lstm_replay
     return flatten(u), t_grads, t_upd
 
 
@@ -131,11 +131,11 @@ def bench_updates(args, optimizee, params, opt, state, res):
     k = min(n, args.replay_samples)
     g = per_sample_grads(optimizee, params, x[:k], y[:k])
     with torch.no_grad():  # else the replay keeps every chunk's autograd graph alive
-        _, t_rep = timed(per_sample_updates, opt, g, state, params, fast=False)
+        _, t_rep = timed(chunked_replay, opt, g, state, params)
     res["per_sample_updates_protocol_replay_s"] = t_grads + t_rep * n / k
     ROWS.append(
         (
-            f"    same via opt.update replay (fast=False), N={n}",
+            f"    same via chunked opt.update calls (chunked_replay), N={n}",
             f"{res['per_sample_updates_protocol_replay_s']:.2f} s",
             f"timed on {k} samples, scaled",
             "",

@@ -1,28 +1,32 @@
-"""Shared plumbing of the meta-test analysis callbacks.
+"""The base class of the meta-test analyses: one analysis, one callback, one file.
 
-Every analysis callback follows Lightning's ``DeviceStatsMonitor`` pattern: prerequisites are
-checked once in ``setup`` (with an error that says what is wrong), and the work happens in
-``on_test_batch_end`` on the steps the callback's own ``every_n_steps`` selects (step 1 is always
-analysed, so even short runs have a starting point). The callbacks read what the step saw from
-``pl_module.snapshot`` (a ``l2o.meta_testing.Snapshot``: params, optimizer state, gradient and
-update *before* the step was applied) and only ever *replay* the optimizer through the protocol
-(``opt.update`` / ``l2o.optimizers.replay``), which advances nothing: the module's params, optimizer
-state and history other than the callback's own tags are never touched.
+An analysis subclasses :class:`Analysis`, sets ``name`` (its tag prefix) and ``title``, and
+implements ``compute`` and ``scalar_tags``; ``charts``, ``summary_columns``, ``figure`` and
+``check`` have defaults it may override (the API: ``l2o.analysis.AnalysisProtocol``). It works
+in ``Trainer.test`` of an ``l2o.meta_testing.MetaTestSystem``: every ``test_step`` returns the
+step's ``Snapshot`` (params, optimizer state, gradient and update *before* the step was
+applied, the minibatch, the optimizee family and the optimizer), Lightning passes it to
+``on_test_batch_end`` as ``outputs``, and on the steps that ``every_n_steps`` selects (step 1
+always, so even short runs have a starting point) the scalars of ``compute`` go to every logger
+of the trainer on rank zero. An analysis only ever *replays* the optimizer through the protocol
+(``opt.update`` / ``l2o.optimizers.replay``), which advances nothing: the run it observes is
+exactly the run without it (a test checks this).
+
+Add one with one file here, one test file, and one line in ``configs/analyses.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from l2o.analysis import Column, FigureSpec, Panel
+from l2o.meta_testing import Snapshot, log_metrics
 from l2o.optimizees import MLPOptimizee, Params
-
-# What a module must offer to be analysed: MetaTestSystem's interface.
-REQUIRED_MODULE_ATTRS = ("snapshot", "optimizee", "optimizer", "log_scalars")
 
 
 def flatten_params(tensors: Params, lead: int = 0) -> Tensor:
@@ -42,83 +46,71 @@ def should_run(step: int, every_n_steps: int) -> bool:
     return step == 1 or step % every_n_steps == 0
 
 
-class MetaTestCallback(L.Callback):
-    """Base class: prerequisite checks, step selection, logging under ``tag_prefix``.
-
-    Subclasses implement ``analyse(trainer, pl_module, snapshot) -> {tag: float}`` (run under
-    ``torch.no_grad``; use ``torch.enable_grad`` where gradients are computed) and ``tags``.
+class Analysis(L.Callback):
+    """Base class of the meta-test analyses (see the module docstring).
 
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1).
     """
 
-    tag_prefix: str = ""
-    needs_training_split: bool = False
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    needs_training_split: ClassVar[bool] = False
 
     def __init__(self, every_n_steps: int) -> None:
         if int(every_n_steps) < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise ValueError(
+                f"{type(self).__name__}: every_n_steps must be >= 1, got {every_n_steps} "
+                "(to turn an analysis off, leave it out of --analyses)"
+            )
         self.every_n_steps = int(every_n_steps)
 
-    # ------------------------------------------------------------------ interface
-    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        """Scalar tags this callback logs for ``optimizee`` (for dashboards and layouts)."""
+    # ------------------------------------------------------------------ to implement
+    def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
+        """``{tag: value}`` for one analysed step (run under ``torch.no_grad``; use
+        ``torch.enable_grad`` where gradients are taken)."""
         raise NotImplementedError
 
-    def all_tags(self) -> list[str]:
-        """Every scalar tag this callback can log, for any optimizee."""
-        return self.tags(None)
+    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+        """Every scalar tag ``compute`` returns for this optimizee family."""
+        raise NotImplementedError
 
-    def histogram_tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        """TensorBoard histogram tags this callback writes (none by default)."""
+    # ------------------------------------------------------------------ defaults
+    def check(self, data: Any) -> None:
+        """Raise ``ValueError`` if ``data`` cannot be analysed (called before any run)."""
+        if not self.needs_training_split:
+            return
+        if data is None or getattr(data, "train_x", None) is None:
+            raise MisconfigurationException(
+                f"`{type(self).__name__}` needs the training split: call `Trainer.test(module, "
+                "datamodule=dm)` with a datamodule that has `train_x` and `train_y` after "
+                "setup (e.g. l2o.streams.MetaTestData), not bare dataloaders."
+            )
+
+    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+        """One custom-scalars chart per tag."""
+        return {t.removeprefix(f"{self.name}/"): [t] for t in self.scalar_tags(optimizee)}
+
+    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
         return []
 
-    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
-        raise NotImplementedError
-
-    def layout(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
-        """Charts of a TensorBoard custom-scalars layout: ``{chart title: [tags]}``.
-
-        Tags that differ only in their ``update``/``grad`` segment share a chart, so each chart
-        sets the optimizer's update against the gradient's baseline.
-        """
-        charts: dict[str, list[str]] = {}
-        for tag in self.tags(optimizee):
-            parts = tag[len(self.tag_prefix) :].split("/")
-            title = "/".join(p for p in parts if p not in ("update", "grad")) or tag
-            charts.setdefault(title, []).append(tag)
-        return charts
+    def figure(self, optimizee: MLPOptimizee) -> FigureSpec | None:
+        """One panel per scalar tag."""
+        panels = tuple(
+            Panel(t, t.removeprefix(f"{self.name}/"), "value") for t in self.scalar_tags(optimizee)
+        )
+        return FigureSpec(self.name, self.title or self.name, panels)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        name = type(self).__name__
-        missing = [a for a in REQUIRED_MODULE_ATTRS if not hasattr(pl_module, a)]
-        if missing:
-            raise MisconfigurationException(
-                f"`{name}` analyses meta-testing runs: it needs a MetaTestSystem-like module "
-                f"(with {', '.join(REQUIRED_MODULE_ATTRS)}), but {type(pl_module).__name__} "
-                f"lacks {missing}. Attach it to a `Trainer` that runs "
-                "`trainer.test(MetaTestSystem(...), datamodule=...)`."
-            )
         if stage != "test":
+            stage = getattr(stage, "value", stage)
             raise MisconfigurationException(
-                f"`{name}` runs in `Trainer.test` (one test_step per optimizee step), not in "
-                f"stage {stage!r}: remove it from this Trainer's callbacks."
+                f"`{type(self).__name__}` analyses meta-test runs, `Trainer.test` of a "
+                f"MetaTestSystem (one test_step per optimizee step), not stage {stage!r}: "
+                "remove it from this Trainer's callbacks."
             )
-        if self.needs_training_split:
-            dm = trainer.datamodule
-            if dm is None:
-                raise MisconfigurationException(
-                    f"`{name}` needs the training split: call `Trainer.test(module, "
-                    "datamodule=dm)` with a datamodule that has `train_x` and `train_y`, not "
-                    "bare dataloaders."
-                )
-            for attr in ("train_x", "train_y"):
-                if getattr(dm, attr, None) is None:
-                    raise MisconfigurationException(
-                        f"`{name}` needs the training split, but the datamodule "
-                        f"{type(dm).__name__} has no `{attr}` after setup."
-                    )
+        self.check(trainer.datamodule)
 
     @torch.no_grad()
     def on_test_batch_end(
@@ -130,15 +122,13 @@ class MetaTestCallback(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        snapshot = pl_module.snapshot
-        if snapshot is None or not should_run(snapshot.step, self.every_n_steps):
+        if outputs is None:  # a diverged run's remaining steps
             return
-        metrics = self.analyse(trainer, pl_module, snapshot)
-        if metrics:
-            pl_module.log_scalars(metrics, snapshot.step)
-
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def training_split(trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
-        dm = trainer.datamodule
-        return dm.train_x.to(device), dm.train_y.to(device)
+        if not isinstance(outputs, Snapshot):
+            raise MisconfigurationException(
+                f"`{type(self).__name__}` reads the Snapshot that MetaTestSystem.test_step "
+                f"returns; {type(pl_module).__name__}.test_step returned "
+                f"{type(outputs).__name__}."
+            )
+        if should_run(outputs.step, self.every_n_steps):
+            log_metrics(trainer, self.compute(outputs, trainer), outputs.step)

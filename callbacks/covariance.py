@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.base import MetaTestCallback
+from callbacks.base import Analysis
+from l2o.analysis import Column, FigureSpec, Panel
 from l2o.covariance import covariance_analysis
+from l2o.meta_testing import Snapshot
 from l2o.optimizees import MLPOptimizee
 
 STATISTICS = ("top_eig", "trace")
 
 
-class UpdateCovariance(MetaTestCallback):
+class UpdateCovariance(Analysis):
     """Top eigenvalue and trace of the covariance of per-sample updates (and of gradients).
 
     At an analysed step, ``N`` samples of the training split give per-sample gradients ``g_i``
@@ -32,8 +32,8 @@ class UpdateCovariance(MetaTestCallback):
 
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1).
-        num_samples: N, capped at the training split's size (``None``: the whole split). The
-            same samples are used at every analysed step.
+        num_samples: N, at most the training split's size (``None``: the whole split); more
+            is an error before any run. The same samples are used at every analysed step.
         seed: ``None`` takes the first N examples of the split; an integer a seeded random
             subset of N.
         chunk_size: samples per vectorized call (gradients' Jacobian with BatchNorm, optimizer
@@ -42,7 +42,8 @@ class UpdateCovariance(MetaTestCallback):
             ``lanczos``).
     """
 
-    tag_prefix = "covariance/"
+    name = "covariance"
+    title = "Covariance of per-sample updates"
     needs_training_split = True
 
     def __init__(
@@ -64,21 +65,60 @@ class UpdateCovariance(MetaTestCallback):
         self.chunk_size, self.method = chunk_size, method
         self._cache: tuple[str, tuple[Tensor, Tensor]] | None = None
 
-    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        return [f"{self.tag_prefix}{k}/{s}" for k in ("update", "grad") for s in STATISTICS]
+    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+        return [f"covariance/{k}/{s}" for k in ("update", "grad") for s in STATISTICS]
+
+    def check(self, data) -> None:
+        super().check(data)
+        n = len(data.train_x)
+        if n < 2:
+            raise ValueError("UpdateCovariance needs at least 2 training examples")
+        if self.num_samples is not None and self.num_samples > n:
+            raise ValueError(
+                f"UpdateCovariance: num_samples (--covariance_samples) is {self.num_samples} but "
+                f"the training split has only {n} examples; use at most {n}"
+            )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._cache = None
-        if len(trainer.datamodule.train_x) < 2:
-            raise ValueError("UpdateCovariance needs at least 2 training examples")
+
+    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+        # Update and gradient covariances have different units: separate charts.
+        return {
+            f"{s} ({what})": [f"covariance/{k}/{s}"]
+            for k, what in (("update", "update"), ("grad", "gradient"))
+            for s in STATISTICS
+        }
+
+    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+        return [Column("covariance/update/top_eig", "update/top_eig")]
+
+    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+        what = {"update": "per-sample updates", "grad": "per-sample gradients"}
+        stat = {"top_eig": "Top eigenvalue", "trace": "Trace"}
+        unit = {"update": "(parameter^2)", "grad": "(gradient^2)"}
+        return FigureSpec(
+            "covariance",
+            self.title,
+            tuple(
+                Panel(
+                    f"covariance/{k}/{s}",
+                    f"{stat[s]} of the covariance of {what[k]}",
+                    f"{'lambda_max' if s == 'top_eig' else 'tr'}(K_{k}) {unit[k]}",
+                    yscale="log",
+                )
+                for k in ("update", "grad")
+                for s in STATISTICS
+            ),
+        )
 
     def analysis_set(self, trainer: L.Trainer, device: torch.device) -> tuple[Tensor, Tensor]:
         """The N samples ``(N, D)``, ``(N,)`` (cached per device)."""
         if self._cache is not None and self._cache[0] == str(device):
             return self._cache[1]
         x, y = trainer.datamodule.train_x, trainer.datamodule.train_y
-        n = len(x) if self.num_samples is None else min(self.num_samples, len(x))
+        n = len(x) if self.num_samples is None else self.num_samples  # check(): <= len(x)
         if self.seed is None:
             idx = torch.arange(n)
         else:
@@ -87,11 +127,11 @@ class UpdateCovariance(MetaTestCallback):
         self._cache = (str(device), pair)
         return pair
 
-    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
+    def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
         x, y = self.analysis_set(trainer, snapshot.params[0].device)
         res = covariance_analysis(
-            pl_module.optimizee,
-            pl_module.optimizer,
+            snapshot.optimizee,
+            snapshot.optimizer,
             snapshot.state,
             snapshot.params,
             x,
@@ -100,7 +140,7 @@ class UpdateCovariance(MetaTestCallback):
             method=self.method,
         )
         return {
-            f"{self.tag_prefix}{k}/{s}": float(res[f"{k}_{s}"])
+            f"covariance/{k}/{s}": float(res[f"{k}_{s}"])
             for k in ("update", "grad")
             for s in STATISTICS
         }

@@ -2,67 +2,86 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import numpy as np
 import torch
 
-from callbacks.base import MetaTestCallback, flatten_params
+from callbacks.base import Analysis, flatten_params
+from l2o.analysis import FigureSpec, Panel
+from l2o.meta_testing import Snapshot, log_distribution
 from l2o.optimizees import MLPOptimizee
 
+DISTRIBUTION = "update_hist/log10_abs_update"
 
-class UpdateHistograms(MetaTestCallback):
-    """TensorBoard histogram of ``|update|`` over all coordinates, plus its mean.
 
-    Logs the histogram ``update_hist/abs_update`` (``add_histogram`` on every logger whose
-    ``experiment`` has one, e.g. ``TensorBoardLogger``, on rank zero) and the scalar
-    ``update_hist/mean_abs_update`` (through ``pl_module.log_scalars``). The raw magnitudes of
-    each analysed step are also kept, for figures drawn after the run (the study's Fig. 9)::
+class UpdateHistograms(Analysis):
+    """The distribution of ``log10 |update|`` over all coordinates (the study's Fig. 9).
 
-        callback.samples[step]  # float32 numpy array, at most ``max_samples`` values
+    Logs, on the analysed steps:
 
-    subsampled without replacement by a fixed seed when the optimizee has more coordinates.
+    * ``update_hist/log10_abs_update``: a TensorBoard histogram of ``log10 |u|`` over every
+      coordinate with ``u != 0`` (magnitudes span many decades: on a linear axis every value
+      would land in the first bin), and for the figures a sample of at most ``max_samples`` of
+      those values (a fixed-seed subsample of the coordinates, zeros then dropped);
+    * ``update_hist/mean_abs_update``: the mean of ``|u|`` (zeros included);
+    * ``update_hist/zero_fraction``: the fraction of coordinates with ``u == 0`` exactly.
 
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1).
-        max_samples: most |update| values kept per step in ``samples`` (the TensorBoard
-            histogram always uses all coordinates).
+        max_samples: most coordinates sampled per step for the figures (the TensorBoard
+            histogram always uses all).
         seed: seed of the subsampling.
     """
 
-    tag_prefix = "update_hist/"
+    name = "update_hist"
+    title = "Update magnitudes"
 
     def __init__(self, every_n_steps: int = 50, max_samples: int = 20_000, seed: int = 0) -> None:
         super().__init__(every_n_steps)
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.max_samples, self.seed = int(max_samples), int(seed)
-        self.samples: dict[int, np.ndarray] = {}
 
-    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        return [f"{self.tag_prefix}mean_abs_update"]
+    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+        return ["update_hist/mean_abs_update", "update_hist/zero_fraction"]
 
-    def histogram_tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        return [f"{self.tag_prefix}abs_update"]
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.samples = {}
-
-    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
+    def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
         mags = flatten_params(snapshot.updates).abs().float()
-        step = snapshot.step
-        if trainer.is_global_zero:
-            values = mags.cpu().numpy()
-            for logger in trainer.loggers:
-                add_histogram = getattr(logger.experiment, "add_histogram", None)
-                if add_histogram is not None:
-                    add_histogram(f"{self.tag_prefix}abs_update", values, step)
         keep = mags
         if mags.numel() > self.max_samples:
             gen = torch.Generator().manual_seed(self.seed)
             idx = torch.randperm(mags.numel(), generator=gen)[: self.max_samples]
             keep = mags[idx.to(mags.device)]
-        self.samples[step] = keep.cpu().numpy().copy()
-        return {f"{self.tag_prefix}mean_abs_update": float(mags.mean())}
+        log_distribution(
+            trainer, DISTRIBUTION, _log10_nonzero(mags), snapshot.step, _log10_nonzero(keep)
+        )
+        return {
+            "update_hist/mean_abs_update": float(mags.mean()),
+            "update_hist/zero_fraction": float((mags == 0).double().mean()),
+        }
+
+    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+        return {
+            "mean |update|": ["update_hist/mean_abs_update"],
+            "fraction of updates exactly 0": ["update_hist/zero_fraction"],
+        }
+
+    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+        return FigureSpec(
+            "update_histograms",
+            "Distribution of update magnitudes |u|",
+            (
+                Panel(
+                    DISTRIBUTION,
+                    "|update|",
+                    "fraction of coordinates",
+                    kind="distribution",
+                    xlabel="log10 |update| (nonzero coordinates)",
+                ),
+            ),
+        )
+
+
+def _log10_nonzero(mags: torch.Tensor) -> np.ndarray:
+    values = mags.cpu().double().numpy()
+    return np.log10(values[values > 0])

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.base import MetaTestCallback, flatten_params
-from l2o.covariance import per_sample_updates
+from callbacks.base import Analysis, flatten_params
+from l2o.analysis import Column, FigureSpec, Panel
+from l2o.meta_testing import Snapshot
 from l2o.optimizees import MLPOptimizee, Params
+from l2o.optimizers import replay
 from l2o.tail_index import noise_alphas
 
 STATISTICS = ("pooled", "robust", "zero_fraction")
@@ -43,7 +44,7 @@ def minibatch_grads(
         return tuple(g.detach() for g in grad_fn(params, xb, yb))
 
 
-class TailIndex(MetaTestCallback):
+class TailIndex(Analysis):
     """Tail index alpha of minibatch noise in the gradient and in the optimizer's update.
 
     At an analysed step, the analysis set (the datamodule's training split ``train_x, train_y``,
@@ -53,9 +54,8 @@ class TailIndex(MetaTestCallback):
     * gradient noise: each minibatch's gradient minus the full-batch gradient;
     * update noise: the optimizer's update for each minibatch gradient (replayed through the
       protocol with the step's state and params, which advances nothing:
-      ``l2o.covariance.per_sample_updates``, i.e. ``l2o.optimizers.replay`` in memory-bounded
-      chunks, with an equivalent fast path for the LSTM optimizer) minus its update for the
-      full-batch gradient.
+      ``l2o.optimizers.replay``, the optimizer's own fast ``replay`` where it has one) minus its
+      update for the full-batch gradient.
 
     The full-batch gradient is the **mean of the minibatch gradients**. The minibatches partition
     the analysis set with equal sizes, so without BatchNorm this is exactly the gradient of the
@@ -81,7 +81,8 @@ class TailIndex(MetaTestCallback):
             default chunk for the replay).
     """
 
-    tag_prefix = "tail_index/"
+    name = "tail_index"
+    title = "Tail index of minibatch noise"
     needs_training_split = True
 
     def __init__(
@@ -98,12 +99,53 @@ class TailIndex(MetaTestCallback):
         self.analysis_batches, self.chunk_size = analysis_batches, chunk_size
         self._cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
-    def tags(self, optimizee: MLPOptimizee | None = None) -> list[str]:
-        return [f"{self.tag_prefix}{k}/{s}" for k in ("grad", "update") for s in STATISTICS]
+    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+        return [f"tail_index/{k}/{s}" for k in ("grad", "update") for s in STATISTICS]
+
+    def check(self, data) -> None:
+        super().check(data)
+        n = len(data.train_x) // data.batch_size
+        if n < 2:
+            raise ValueError(
+                f"TailIndex: the training split has {len(data.train_x)} examples, fewer than 2 "
+                f"minibatches of the run's batch size {data.batch_size}; minibatch noise needs "
+                "at least 2 (a smaller --data.init_args.batch_size, or leave TailIndex out)"
+            )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._cache = None
+
+    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+        # Both on one chart: the gradient's alpha is the reference the update's is read against.
+        return {s: [f"tail_index/update/{s}", f"tail_index/grad/{s}"] for s in STATISTICS}
+
+    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+        return [
+            Column(f"tail_index/{k}/{s}", f"α {k}/{s}")
+            for s in ("pooled", "robust")
+            for k in ("grad", "update")
+        ]
+
+    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+        # alpha-stable tails have 0 < alpha <= 2; the estimator leaves that range (even < 0) on
+        # noise that is not alpha-stable-like, e.g. Lion's few discrete update values.
+        what = {"update": "update noise", "grad": "gradient noise"}
+        how = {"robust": "nonzero coordinates", "pooled": "all coordinates"}
+        return FigureSpec(
+            "tail_index",
+            self.title,
+            tuple(
+                Panel(
+                    f"tail_index/{k}/{s}",
+                    f"Tail index of the {what[k]} ({how[s]})",
+                    "α (2: Gaussian; smaller: heavier tails)",
+                    ylim=(0.0, 2.5),
+                )
+                for k in ("update", "grad")
+                for s in ("robust", "pooled")
+            ),
+        )
 
     def analysis_set(
         self, trainer: L.Trainer, batch_size: int, device: torch.device
@@ -126,20 +168,20 @@ class TailIndex(MetaTestCallback):
         self._cache = (key, (xb, yb))
         return xb, yb
 
-    def analyse(self, trainer: L.Trainer, pl_module: Any, snapshot: Any) -> dict[str, float]:
+    def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
         params, state = snapshot.params, snapshot.state
         xb, yb = self.analysis_set(trainer, snapshot.x.shape[1], params[0].device)
-        grads = minibatch_grads(pl_module.optimizee, params, xb, yb, self.chunk_size)
+        grads = minibatch_grads(snapshot.optimizee, params, xb, yb, self.chunk_size)
         full = tuple(g.mean(dim=0) for g in grads)
-        opt = pl_module.optimizer
-        # The full-batch gradient rides along as the last row of one replay (= l2o.optimizers.
-        # replay in chunks, with a fast path for the LSTM optimizer), so that every update takes
+        opt = snapshot.optimizer
+        # The full-batch gradient rides along as the last row of one replay (the optimizer's
+        # own fast replay where it has one, else chunked opt.update), so that every update takes
         # the same arithmetic path: a coordinate whose gradient is the same on every minibatch
         # (e.g. a blank pixel's weights) then has exactly zero update noise, as it should. A
         # separate opt.update call can differ from the fast path by float rounding (~1e-9), and
         # those fake nonzeros would drag the robust estimate down.
         both = tuple(torch.cat([g, f.unsqueeze(0)]) for g, f in zip(grads, full))
-        updates = flatten_params(per_sample_updates(opt, both, state, params, self.chunk_size), 1)
+        updates = flatten_params(replay(opt, both, state, params, self.chunk_size), 1)
         noise = {
             "grad": flatten_params(grads, 1) - flatten_params(full),
             "update": updates[:-1] - updates[-1],
@@ -156,5 +198,5 @@ class TailIndex(MetaTestCallback):
                 zero = float((rows == 0).double().mean())
                 alphas = {"pooled": math.nan, "robust": math.nan, "zero_fraction": zero}
             for stat in STATISTICS:
-                out[f"{self.tag_prefix}{kind}/{stat}"] = float(alphas[stat])
+                out[f"tail_index/{kind}/{stat}"] = float(alphas[stat])
         return out

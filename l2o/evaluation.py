@@ -1,108 +1,124 @@
 """Meta-testing experiments: learned optimizers beside tuned baselines, many seeds, one folder.
 
-``evaluate.py`` is a thin CLI over :func:`run_experiment`. For every optimizer and seed one
-``Trainer.test`` run of :class:`~l2o.meta_testing.MetaTestSystem` trains a fresh optimizee; the
-analysis callbacks stream to TensorBoard (one run per optimizer and seed, so curves overlay);
-a summary table and figures are written at the end.
+``evaluate.py`` parses the command line and calls :func:`run_experiment`, which
+
+1. checks everything before any work: the optimizer specs were validated by ``l2o.specs``; here
+   the settings (steps, seeds, report steps, the tuning grid), the data against the optimizee
+   and every analysis (``analysis.check``), and the output folder;
+2. takes the folder ``out/name`` (see *Output folder* below), tunes the learning rates, then runs
+   one ``Trainer.test`` of :class:`~l2o.meta_testing.MetaTestSystem` per optimizer and seed,
+   with the analysis callbacks, logging to TensorBoard (live) and to the run's record;
+3. writes per optimizer a TensorBoard run of the seed means, and the summary and figures
+   (``l2o.report.build_report``, from the records).
+
+Divergence is a result: a run whose loss or update stops being finite ends there, marked
+diverged (``l2o.meta_testing``); a tuning grid rate that diverges scores inf; an optimizer whose
+every grid rate diverges is recorded as such and the others go on.
+
+Output folder ``out/name``: a name in use is refused unless ``overwrite`` (then the old folder is
+moved aside, and deleted once the new experiment is complete); a lock file (``out/.name.lock``,
+an ``flock`` that the OS releases when the process dies) keeps two experiments from writing one
+folder; ``manifest.json`` lists the optimizers and the finished runs and is rewritten
+atomically after each run; the report reads only what it lists, and its ``status`` becomes
+``complete`` last. TensorBoard can watch ``out/name`` live.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from l2o.checkpoints import load_learned_optimizer
-from l2o.data import MNISTDataModule
+from l2o.analysis import AnalysisProtocol, FigureSpec
 from l2o.inner import inner_step
-from l2o.meta_testing import MetaTestSystem, MinibatchStream, init_optimizee
+from l2o.meta_testing import MetaTestSystem, init_optimizee
 from l2o.optimizees import MLPOptimizee
-from l2o.optimizers import BASELINES, Optimizer, make_baseline
+from l2o.optimizers import Optimizer
+from l2o.records import RecordLogger, read_record
+from l2o.report import CORE_FIGURE, MANIFEST, build_report, read_manifest, write_json
 from l2o.seeds import TUNE_RUN
+from l2o.specs import OptimizerSpec
+from l2o.streams import MetaTestData, MinibatchStream
 
 LR_GRID = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 3.0)
+DEFAULT_REPORT_STEPS = (1, 10, 100, 1000)
+RESERVED = {"figures"}  # folder names of the experiment that a label must not take
 
 
-@dataclass
-class Entry:
-    """One optimizer of an experiment: a learned-optimizer checkpoint or a baseline."""
-
-    label: str
-    kind: str  # "l2o" or a baseline name
-    lr: float | None = None  # None: tune on the grid
-    checkpoint: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    trained_on: str | None = None
-
-    def build(self) -> Optimizer:
-        if self.kind == "l2o":
-            net, _ = load_learned_optimizer(self.checkpoint)
-            return net
-        return make_baseline(self.kind, self.lr, **self.options)
+class FolderInUse(RuntimeError):
+    """The experiment folder holds results, or another evaluate.py is writing it."""
 
 
-def parse_entries(specs: list[dict[str, Any]], checkpoints: list[str] = ()) -> list[Entry]:
-    """Optimizer specs from the config, e.g. ``{name: adam, lr: tune}``,
-    ``{name: l2o, checkpoint: path}``, ``{name: lion_sgd, lr: 0.1, lion_weight: 0.25}``."""
-    specs = list(specs) + [{"name": "l2o", "checkpoint": c} for c in checkpoints]
-    entries, labels = [], set()
-    for spec in specs:
-        spec = dict(spec)
-        kind = spec.pop("name", None)
-        if kind != "l2o" and kind not in BASELINES:
-            raise ValueError(
-                f"unknown optimizer {kind!r} in {spec}; use 'l2o' (with a "
-                f"checkpoint) or one of {sorted(BASELINES)}"
-            )
-        label = str(spec.pop("label", kind))
-        lr = spec.pop("lr", "tune")
-        checkpoint = spec.pop("checkpoint", None)
-        entry = Entry(label, kind, None if lr == "tune" else float(lr), checkpoint, spec)
-        if kind == "l2o":
-            if not checkpoint:
-                raise ValueError(
-                    "an 'l2o' optimizer needs a checkpoint: {name: l2o, checkpoint: "
-                    "path/to/last.ckpt}"
-                )
-            _, trained_on = load_learned_optimizer(checkpoint)  # fail now, not after hours
-            entry.trained_on = trained_on.name
-            if spec:
-                raise ValueError(f"unknown options for a learned optimizer: {sorted(spec)}")
-        else:
-            make_baseline(kind, entry.lr or 1.0, **dict(spec))  # validates the options
-        if label in labels:
-            raise ValueError(f"two optimizers are labelled {label!r}; give each a 'label'")
-        labels.add(label)
-        entries.append(entry)
-    if not entries:
-        raise ValueError("no optimizers to evaluate: give --optimizers and/or --checkpoints")
-    return entries
+# ----------------------------------------------------------------------------- settings
+def default_report_steps(steps: int) -> list[int]:
+    return [s for s in DEFAULT_REPORT_STEPS if s <= steps]
 
 
-def plain_run(
-    opt: Optimizer,
-    optimizee: MLPOptimizee,
-    dm: MNISTDataModule,
-    seed: int,
+def check_settings(
     steps: int,
-    device: torch.device | str = "cpu",
+    seeds: int,
+    eval_every: int,
+    tune_grid: list[float],
+    tune_steps: int,
+    tune_seeds: int,
+    report_steps: list[int],
+    criterion_steps: int,
+    any_tuned: bool,
+) -> None:
+    """Every numeric setting, with a message naming the flag (before any work)."""
+    for flag, value in (("--steps", steps), ("--seeds", seeds), ("--eval_every", eval_every)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= criterion_steps <= steps:
+        raise ValueError(
+            f"--criterion_steps must be between 1 and --steps ({steps}), got {criterion_steps}"
+        )
+    bad = [s for s in report_steps if not 1 <= s <= steps]
+    if bad:
+        raise ValueError(f"--report_steps {bad} outside 1..--steps ({steps})")
+    if any_tuned:
+        if not tune_grid:
+            raise ValueError("--tune_grid is empty: give at least one learning rate to try")
+        bad = [r for r in tune_grid if not (math.isfinite(r) and r > 0)]
+        if bad:
+            raise ValueError(f"--tune_grid rates must be > 0, got {bad}")
+        if tune_steps < 1:
+            raise ValueError(f"--tune_steps must be >= 1 (steps per tuning run), got {tune_steps}")
+        if tune_seeds < 1:
+            raise ValueError(f"--tune_seeds must be >= 1 (tuning runs per rate), got {tune_seeds}")
+
+
+def check_analyses(analyses: list[AnalysisProtocol], data: MetaTestData) -> None:
+    names = [a.name for a in analyses]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--analyses has two analyses named {dup}: their tags would mix")
+    for a in analyses:
+        a.check(data)
+
+
+# ----------------------------------------------------------------------------- tuning
+def plain_run(
+    opt: Optimizer, optimizee: MLPOptimizee, dm, seed: int, steps: int, device="cpu"
 ) -> list[float]:
-    """Training losses of one run without Lightning (for tuning): same data as a test run."""
+    """Training losses of one run without Lightning (for tuning), same data as a test run;
+    inf from the step where the loss stops being finite."""
     params = init_optimizee(optimizee, seed, device)
     state = opt.init_state(params)
-    losses = []
+    losses: list[float] = []
     stream = MinibatchStream(dm.train_x, dm.train_y, steps, dm.batch_size, seed)
     for x, y in stream:
         step = inner_step(optimizee, opt, params, state, x.to(device), y.to(device))
-        if not torch.isfinite(step.loss).all():
+        if not bool(step.loss.isfinite().all()):
             return losses + [math.inf] * (steps - len(losses))
         params, state = step.params, step.state
         losses.append(step.loss.item())
@@ -110,159 +126,281 @@ def plain_run(
 
 
 def tune_lr(
-    entry: Entry,
-    optimizee: MLPOptimizee,
-    dm: MNISTDataModule,
-    grid=LR_GRID,
-    steps: int = 50,
-    seeds: int = 3,
-) -> tuple[float, dict[float, float]]:
-    """Best grid learning rate by the summed training loss of the first ``steps`` steps,
-    averaged over ``seeds`` tuning runs (seeds disjoint from the reported runs)."""
+    spec: OptimizerSpec, optimizee: MLPOptimizee, dm, grid, steps: int, seeds: int
+) -> tuple[float | None, dict[float, float]]:
+    """The grid rate with the lowest summed training loss of the first ``steps`` steps,
+    averaged over ``seeds`` tuning runs (seeds disjoint from the reported runs); a rate whose
+    run diverges scores inf. ``(None, scores)`` if every rate diverged."""
     scores = {}
     for lr in grid:
-        opt = make_baseline(entry.kind, lr, **entry.options)
+        opt = spec.build(lr)
         runs = [sum(plain_run(opt, optimizee, dm, TUNE_RUN + s, steps)) for s in range(seeds)]
         scores[lr] = float(np.mean(runs)) if all(map(math.isfinite, runs)) else math.inf
     best = min(scores, key=scores.get)
-    if not math.isfinite(scores[best]):
-        raise RuntimeError(f"{entry.label}: every learning rate of the grid diverged")
-    return best, scores
+    return (best if math.isfinite(scores[best]) else None), scores
 
 
-def make_callbacks(cfg: dict[str, Any]) -> list[L.Callback]:
-    from callbacks import SymmetryBreaking, TailIndex, UpdateCovariance, UpdateHistograms
+# ----------------------------------------------------------------------------- the folder
+@contextmanager
+def experiment_folder(out: Path, name: str, overwrite: bool):
+    """Lock ``out/name`` for this process and hand it over empty (see the module docstring)."""
+    import fcntl
 
-    out: list[L.Callback] = []
-    if cfg.get("symmetry_every", 0):
-        out.append(SymmetryBreaking(every_n_steps=cfg["symmetry_every"]))
-    if cfg.get("tail_index_every", 0):
-        out.append(
-            TailIndex(
-                every_n_steps=cfg["tail_index_every"],
-                analysis_batches=cfg.get("tail_index_batches"),
-            )
-        )
-    if cfg.get("covariance_every", 0):
-        out.append(
-            UpdateCovariance(
-                every_n_steps=cfg["covariance_every"],
-                num_samples=cfg.get("covariance_samples", 1024),
-            )
-        )
-    if cfg.get("histogram_every", 0):
-        out.append(UpdateHistograms(every_n_steps=cfg["histogram_every"]))
-    return out
-
-
-def run_experiment(
-    entries: list[Entry],
-    optimizee: MLPOptimizee,
-    dm: MNISTDataModule,
-    out: Path,
-    steps: int = 1000,
-    seeds: int = 3,
-    eval_every: int = 10,
-    analyses: dict[str, Any] | None = None,
-    tune: dict[str, Any] | None = None,
-    report_steps: list[int] = (10, 100, 1000),
-    criterion_steps: int = 100,
-    accelerator: str = "auto",
-) -> dict[str, Any]:
-    """Tune, run, and summarise. Returns the summary (also written to ``out``)."""
-    from l2o.report import make_figures, save_samples, summarize_runs, write_summary
-
-    if steps < 1 or seeds < 1 or eval_every < 1:
-        raise ValueError("steps, seeds and eval_every must be >= 1")
-    dm.prepare_data()
-    dm.setup("test")
-    optimizee.check_input(dm.num_features)
     out.mkdir(parents=True, exist_ok=True)
-    tune = {"grid": list(LR_GRID), "steps": 50, "seeds": 3, **(tune or {})}
-    tuning: dict[str, dict[float, float]] = {}
-    for entry in entries:
-        if entry.kind != "l2o" and entry.lr is None:
-            t0 = time.time()
-            entry.lr, tuning[entry.label] = tune_lr(
-                entry, optimizee, dm, tune["grid"], tune["steps"], tune["seeds"]
-            )
-            print(
-                f"tuned {entry.label}: lr = {entry.lr:g} ({time.time() - t0:.0f} s; grid "
-                f"criterion: summed train loss of the first {tune['steps']} steps)"
-            )
-    _write_layout(out, optimizee, make_callbacks(analyses or {}))
-    histories: dict[str, list[dict]] = {}
-    samples: dict[str, list[dict]] = {}
-    jobs = [(e, s) for e in entries for s in range(seeds)]
-    for i, (entry, seed) in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {entry.label} seed {seed}: {steps} steps on {optimizee.name}")
-        run_dir = out / entry.label / f"seed_{seed}"
-        if run_dir.exists():  # a re-run replaces its own curves instead of doubling them
-            shutil.rmtree(run_dir)
-        callbacks = make_callbacks(analyses or {})
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            inference_mode=False,
-            # flush_secs: curves appear in a running TensorBoard within seconds
-            logger=TensorBoardLogger(
-                out,
-                name=entry.label,
-                version=f"seed_{seed}",
-                default_hp_metric=False,
-                flush_secs=5,
-            ),
-            callbacks=callbacks,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=True,
-        )
-        module = MetaTestSystem(
-            entry.build(),
-            optimizee,
-            seed=seed,
-            name=entry.label,
-            eval_every=eval_every,
-            steps=steps,
-        )
-        dm.configure_meta_test(seed, steps)
-        trainer.test(module, datamodule=dm, verbose=False)
-        trainer.logger.experiment.flush()
-        histories.setdefault(entry.label, []).append(module.history)
-        for cb in callbacks:
-            if hasattr(cb, "samples"):
-                samples.setdefault(entry.label, []).append(dict(cb.samples))
-    summary = summarize_runs(entries, histories, report_steps, criterion_steps, tuning)
-    summary["experiment"] = {
-        "optimizee": optimizee.name,
-        "steps": steps,
-        "seeds": seeds,
-        "data": dm.source,
-        "tuning": tune,
-        "criterion_steps": criterion_steps,
-    }
-    write_summary(summary, out)
-    save_samples(samples, out)
-    make_figures(histories, samples, out)
-    return summary
+    folder = out / name
+    lock = open(out / f".{name}.lock", "a+")  # noqa: SIM115 (held for the whole experiment)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            who = lock.read().strip() or "another process"
+            raise FolderInUse(
+                f"{folder} is being written by another evaluate.py ({who}); wait for it or "
+                "choose another --name"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        replaced = None
+        if folder.exists():
+            if not overwrite:
+                raise FolderInUse(describe_existing(folder))
+            replaced = out / f".{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            folder.rename(replaced)
+            print(f"moved the previous {folder} to {replaced} (deleted when this one completes)")
+        folder.mkdir()
+        yield folder
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
-def _write_layout(out: Path, optimizee: MLPOptimizee, callbacks: list[L.Callback]) -> None:
-    """A TensorBoard custom-scalars layout: each analysis on one chart, where the curves of all
-    optimizers and seeds overlay (one run each below ``out``)."""
-    from torch.utils.tensorboard import SummaryWriter
+def describe_existing(folder: Path) -> str:
+    try:
+        status = read_manifest(folder).get("status", "incomplete")
+    except Exception:
+        status = "not an experiment (no readable manifest)"
+    what = {
+        "complete": "holds a complete experiment",
+        "running": "holds an experiment that was interrupted",
+    }.get(status, f"exists ({status})")
+    return (
+        f"{folder} {what}: choose another --name, or pass --overwrite true to replace it "
+        "(its results are deleted once the new experiment completes)"
+    )
 
-    from callbacks import custom_scalars_layout
 
+def check_folder(out: Path, name: str, overwrite: bool) -> None:
+    """Early, read-only: refuse a name in use before any work (re-checked under the lock)."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"--name {name!r} must be a plain folder name")
+    if (out / name).exists() and not overwrite:
+        raise FolderInUse(describe_existing(out / name))
+
+
+# ----------------------------------------------------------------------------- the runs
+def custom_scalars_layout(
+    optimizee: MLPOptimizee, analyses: list[AnalysisProtocol]
+) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout: one category per analysis, each chart overlaying
+    every optimizer's and seed's runs. Written into every run (TensorBoard merges them; no
+    empty extra run)."""
     layout = {
         "meta_test": {
             t: ["Multiline", [f"meta_test/{t}"]]
-            for t in ("train_loss", "train_acc", "test_loss", "test_acc")
+            for t in ("train_loss", "test_loss", "test_acc", "train_acc")
         }
     }
-    layout.update(custom_scalars_layout(optimizee, callbacks))
-    layout_dir = out / "_layout"
-    if layout_dir.exists():
-        shutil.rmtree(layout_dir)
-    with SummaryWriter(layout_dir) as writer:
+    for a in analyses:
+        layout[a.title or a.name] = {c: ["Multiline", t] for c, t in a.charts(optimizee).items()}
+    return layout
+
+
+def write_mean_run(folder: Path, label: str, run_dirs: list[Path], layout: dict) -> None:
+    """``<label>/mean``: every scalar averaged over the seeds that logged the step, so that
+    each optimizer is one line beside its seeds' (filter TensorBoard's runs by ``mean``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    records = [read_record(d) for d in run_dirs]
+    tags = sorted({t for r in records for t in r.scalars if not t.startswith("hparams/")})
+    with SummaryWriter(folder / label / "mean") as writer:
         writer.add_custom_scalars(layout)
+        for tag in tags:
+            sums: dict[int, list[float]] = {}
+            for r in records:
+                if tag in r.scalars:
+                    for s, v in zip(*r.scalars[tag]):
+                        sums.setdefault(int(s), []).append(float(v))
+            for s in sorted(sums):
+                writer.add_scalar(tag, float(np.mean(sums[s])), s)
+
+
+def _analysis_entry(a: AnalysisProtocol, optimizee: MLPOptimizee) -> dict[str, Any]:
+    fig = a.figure(optimizee)
+    return {
+        "name": a.name,
+        "title": a.title,
+        "class_path": f"{type(a).__module__}.{type(a).__qualname__}",
+        "every_n_steps": a.every_n_steps,
+        "tags": a.scalar_tags(optimizee),
+        "columns": [vars(c) for c in a.summary_columns(optimizee)],
+        "figure": fig.to_dict() if isinstance(fig, FigureSpec) else None,
+    }
+
+
+def run_experiment(
+    specs: list[OptimizerSpec],
+    optimizee: MLPOptimizee,
+    dm,
+    out: Path,
+    name: str,
+    analyses: list[AnalysisProtocol] = (),
+    steps: int = 1000,
+    seeds: int = 3,
+    eval_every: int = 10,
+    tune_grid: list[float] = LR_GRID,
+    tune_steps: int = 50,
+    tune_seeds: int = 3,
+    report_steps: list[int] | None = None,
+    criterion_steps: int = 100,
+    trainer_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    config_text: str | None = None,
+    smoothing: float = 0.0,
+) -> dict[str, Any]:
+    """Check, tune, run and summarise (see the module docstring). Returns the summary, also
+    written to ``out/name``."""
+    out, analyses = Path(out), list(analyses)
+    report_steps = default_report_steps(steps) if report_steps is None else list(report_steps)
+    tuned = [s for s in specs if s.tunable]
+    check_settings(
+        steps, seeds, eval_every, list(tune_grid), tune_steps, tune_seeds, report_steps,
+        criterion_steps, bool(tuned),
+    )  # fmt: skip
+    clash = sorted(RESERVED & {s.label for s in specs})
+    if clash:
+        raise ValueError(f"optimizer label(s) {clash} are reserved folder names; rename them")
+    check_folder(out, name, overwrite)
+    dm.prepare_data()
+    dm.setup("test")
+    optimizee.check_input(dm.num_features)
+    check_analyses(analyses, MetaTestData.of(dm, steps))
+    for s in specs:
+        trained_on = s.info.get("trained_on")
+        if trained_on and trained_on != optimizee.name:
+            print(f"note: {s.label} was meta-trained on {trained_on}; testing it on "
+                  f"{optimizee.name} (generalisation)")  # fmt: skip
+
+    with experiment_folder(out, name, overwrite) as folder:
+        if config_text is not None:
+            (folder / "config.yaml").write_text(config_text)
+        manifest: dict[str, Any] = {
+            "format": 1,
+            "status": "running",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "experiment": {
+                "optimizee": optimizee.name,
+                "steps": steps,
+                "seeds": seeds,
+                "eval_every": eval_every,
+                "data": getattr(dm, "source", ""),
+                "tuning": {"grid": list(tune_grid), "steps": tune_steps, "seeds": tune_seeds},
+                "criterion_steps": criterion_steps,
+                "report_steps": report_steps,
+            },
+            "optimizers": [
+                {
+                    "label": s.label,
+                    "kind": s.kind,
+                    "lr": s.lr,
+                    "lr_text": s.lr_text,
+                    "info": s.info,
+                    "status": "ok",
+                }
+                for s in specs
+            ],
+            "analyses": [_analysis_entry(a, optimizee) for a in analyses],
+            "core_figure": CORE_FIGURE.to_dict(),
+            "runs": [],
+        }
+        write_json(folder / MANIFEST, manifest)
+
+        # Tuning: every tuned optimizer first, so that a run never waits on a failed tuning.
+        rates: dict[str, float | None] = {s.label: s.lr for s in specs}
+        for s, entry in zip(specs, manifest["optimizers"]):
+            if not s.tunable:
+                continue
+            t0 = time.time()
+            best, scores = tune_lr(s, optimizee, dm, list(tune_grid), tune_steps, tune_seeds)
+            rates[s.label] = best
+            entry["lr"], entry["tuning"] = best, {f"{k:g}": v for k, v in scores.items()}
+            if best is None:
+                entry["status"] = "tuning failed: every grid rate diverged"
+                print(f"tuning {s.label}: every learning rate of the grid diverged; it is "
+                      "recorded as such and not run")  # fmt: skip
+            else:
+                print(f"tuned {s.label}: lr = {best:g} ({time.time() - t0:.0f} s; criterion: "
+                      f"summed train loss of the first {tune_steps} steps)")  # fmt: skip
+            write_json(folder / MANIFEST, manifest)
+
+        layout = custom_scalars_layout(optimizee, analyses)
+        jobs = [(s, seed) for s in specs if rates[s.label] is not None or not s.tunable
+                for seed in range(seeds)]  # fmt: skip
+        base = {"accelerator": "auto", "devices": 1, **(trainer_kwargs or {})}
+        for i, (s, seed) in enumerate(jobs, 1):
+            print(f"[{i}/{len(jobs)}] {s.label} seed {seed}: {steps} steps on {optimizee.name}")
+            run_dir = folder / s.label / f"seed_{seed}"
+            opt = s.build(rates[s.label])
+            lr = rates[s.label]
+            info = {
+                "optimizer": s.label,
+                "kind": s.kind,
+                "lr": f"{lr:g}" if lr is not None else s.lr_text,
+                "seed": seed,
+                "checkpoint": s.info.get("checkpoint", ""),
+                "optimizee": optimizee.name,
+            }
+            tb = TensorBoardLogger(
+                folder, name=s.label, version=f"seed_{seed}", default_hp_metric=False,
+                flush_secs=5,  # curves appear in a running TensorBoard within seconds
+            )  # fmt: skip
+            tb.experiment.add_custom_scalars(layout)
+            trainer = L.Trainer(
+                **base,
+                inference_mode=False,
+                logger=[tb, RecordLogger(run_dir)],
+                callbacks=[copy.deepcopy(a) for a in analyses],
+                enable_checkpointing=False,
+                enable_model_summary=False,
+            )
+            module = MetaTestSystem(opt, optimizee, seed, eval_every, steps, run_info=info)
+            trainer.test(module, datamodule=MetaTestData.of(dm, steps, seed), verbose=False)
+            tb.experiment.flush()
+            status = "complete" if module.diverged_at is None else "diverged"
+            manifest["runs"].append(
+                {
+                    "label": s.label,
+                    "seed": seed,
+                    "dir": f"{s.label}/seed_{seed}",
+                    "status": status,
+                    "diverged_at": module.diverged_at,
+                }
+            )
+            write_json(folder / MANIFEST, manifest)
+            if seed == seeds - 1:
+                dirs = [folder / s.label / f"seed_{k}" for k in range(seeds)]
+                write_mean_run(folder, s.label, dirs, layout)
+
+        summary = build_report(folder, smoothing)
+        manifest["status"] = "complete"
+        manifest["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(folder / MANIFEST, manifest)  # last: the experiment is complete
+    print(
+        f"\nResults: {folder}/ (summary.md, summary.json, summary.csv, figures/, config.yaml)\n"
+        f"Next: tensorboard --logdir {folder}    or re-plot: python -m l2o.report {folder}"
+    )
+    return summary

@@ -7,13 +7,15 @@ optimizer protocol of :mod:`l2o.optimizers`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from l2o.optimizers import Params, State
+from l2o.lstm_replay import replay_lstm
+from l2o.optimizers import Params, State, chunked_replay
 
 # Inductor's CPU tanh (Sleef) is the slowest op of the fused gate kernels. Its exp form
 # 2 / (1 + exp(-2x)) - 1 differs from torch.tanh by at most 2e-7 absolute (no overflow at
@@ -116,14 +118,21 @@ class LSTMOptimizer(nn.Module):
         if replaying:  # the same state for each replayed gradient
             h = h.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
             c = c.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
-        core = _lstm_eager
         if self.torch_compile and not replaying:
             if self._compiled is None:
                 self._compiled = torch.compile(
-                    _lstm_spelled_out, dynamic=False, options=compile_options()
+                    functools.partial(lstm_forward, lstm_cell),
+                    dynamic=False,
+                    options=compile_options(),
                 )
-            core = self._compiled
-        out, new_h, new_c = core(flat.reshape(-1), h, c, self.preprocess_p, *self._weights())
+            out, new_h, new_c = self._compiled(
+                flat.reshape(-1), h, c, self.preprocess_p, *self._weights()
+            )
+        else:
+            # Eager: torch's LSTM cell kernel, ~4x faster on CPU than the spelled-out gates.
+            out, new_h, new_c = lstm_forward(
+                torch.lstm_cell, flat.reshape(-1), h, c, self.preprocess_p, *self._weights()
+            )
         out = (out * self.output_scale).view(*lead, n)
         updates = tuple(
             u.reshape(*lead, *shape)
@@ -132,6 +141,21 @@ class LSTMOptimizer(nn.Module):
         if replaying:  # there is no single next state
             return updates, state
         return updates, {"h": new_h, "c": new_c, "shapes": shapes}
+
+    def replay(self, grads: Params, state: State, params: Params | None = None) -> Params:
+        """``update`` of a batch of gradients (leading dim N) under one state, for analyses.
+
+        The same numbers as ``update`` (to float rounding, ~1e-7), detached, several times
+        faster: :func:`l2o.lstm_replay.replay_lstm` shares across the batch what a replay
+        shares. A subclass that changes ``update`` or the cells gets the chunked protocol
+        replay instead, so that the two can never disagree.
+        """
+        plain = type(self).update is LSTMOptimizer.update and all(
+            type(c) is nn.LSTMCell for c in self.cells
+        )
+        if not plain:
+            return chunked_replay(self, grads, state, params)
+        return replay_lstm(self, grads, state, preprocess_parts)
 
     def _weights(self) -> list[Tensor]:
         ws: list[Tensor] = []
@@ -144,29 +168,39 @@ class LSTMOptimizer(nn.Module):
         return {**state, "_compiled": None}
 
 
-def _lstm_eager(flat, h, c, p, *weights):
-    """Eager path: torch's LSTM cell kernel (4x faster than spelled-out gates on CPU)."""
+def lstm_cell(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The LSTM cell, ``torch.lstm_cell``'s arithmetic and signature spelled out, so that
+    ``torch.compile`` can fuse the gate math (it cannot see into ``torch.lstm_cell``).
+
+    This is the project's one definition of the cell. The eager path calls torch's kernel of
+    the same math instead (4x faster on CPU); the fast replay of ``l2o.lstm_replay`` is a
+    layout-specialised variant (see there why); tests pin all three equal.
+    """
+    h, c = hx
+    gates = x @ w_ih.t() + h @ w_hh.t() + (b_ih + b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def lstm_forward(cell, flat: Tensor, h: Tensor, c: Tensor, p: float, *weights: Tensor):
+    """The LSTM optimizer on every coordinate of ``flat`` (one row each): preprocessing, the
+    stacked ``cell`` (``torch.lstm_cell`` or :func:`lstm_cell`), the linear head.
+
+    Returns the head's output (before ``output_scale``), the new h and c ``(layers, n, H)``.
+    """
     x = preprocess(flat, p)
     hs, cs = [], []
     for layer in range(h.shape[0]):
         w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
-        x, cl = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
-        hs.append(x)
-        cs.append(cl)
-    out = torch.nn.functional.linear(x, weights[-2], weights[-1]).squeeze(-1)
-    return out, torch.stack(hs), torch.stack(cs)
-
-
-def _lstm_spelled_out(flat, h, c, p, *weights):
-    """The same arithmetic spelled out, so that torch.compile can fuse the gate math."""
-    x = preprocess(flat, p)
-    hs, cs = [], []
-    for layer in range(h.shape[0]):
-        w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
-        gates = x @ w_ih.t() + h[layer] @ w_hh.t() + (b_ih + b_hh)
-        i, f, g, o = gates.chunk(4, dim=-1)
-        cl = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-        x = torch.sigmoid(o) * torch.tanh(cl)
+        x, cl = cell(x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
         hs.append(x)
         cs.append(cl)
     out = torch.nn.functional.linear(x, weights[-2], weights[-1]).squeeze(-1)
@@ -175,4 +209,10 @@ def _lstm_spelled_out(flat, h, c, p, *weights):
 
 def detach_state(state: Any) -> Any:
     """Detach every tensor of a (nested) optimizer state: the truncation of TBPTT."""
-    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(v) for v in state)
+    return state

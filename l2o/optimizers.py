@@ -8,8 +8,13 @@ An optimizer is a pair of pure functions::
 and the optimizee takes ``params + updates`` (so plain SGD returns ``-lr * grads``). Nothing is
 mutated, so an analysis can *replay* an update on any gradient with the current state without
 advancing it. ``update`` also accepts gradients with extra leading dimensions (a batch of
-gradients, e.g. per-sample ones) against one state: it then returns a batch of updates. That is
-how the covariance and tail-index analyses get per-sample and per-minibatch updates in one call.
+gradients, e.g. per-sample ones) against one state: it then returns a batch of updates and the
+unadvanced state. That is how the covariance and tail-index analyses get per-sample and
+per-minibatch updates: :func:`replay`.
+
+An optimizer may also implement ``opt.replay(grads, state, params) -> updates``: the same
+numbers as ``update`` on a batch of gradients, computed faster by sharing what the batch shares
+(the LSTM optimizer does: :mod:`l2o.lstm_replay`). :func:`replay` uses it when it is there.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from torch import Tensor
 
 Params = tuple[Tensor, ...]
 State = dict[str, Any]
+
+# Gradient coordinates (samples x coordinates) per ``update`` call of a chunked replay: bounds
+# the temporaries of a replayed LSTM update to ~0.5 GB.
+ROW_BUDGET = 2**18
 
 
 @runtime_checkable
@@ -39,6 +48,7 @@ def apply_updates(params: Params, updates: Params) -> Params:
     return tuple(p + u for p, u in zip(params, updates))
 
 
+@torch.no_grad()
 def replay(
     opt: Optimizer,
     grads: Params,
@@ -46,12 +56,33 @@ def replay(
     params: Params | None = None,
     chunk_size: int | None = None,
 ) -> Params:
-    """Updates for a batch of gradients (leading dim N) under one state, chunked for memory.
+    """The optimizer's updates of a batch of gradients (leading dim N) under one state.
 
-    The state is not advanced. ``chunk_size=None`` does all N in one call.
+    The state is not advanced; the updates are detached (an analysis, not meta-training). Uses
+    the optimizer's own ``replay`` method when it has one, else :func:`chunked_replay`.
+    """
+    own = getattr(opt, "replay", None)
+    if own is not None:
+        return own(grads, state, params)
+    return chunked_replay(opt, grads, state, params, chunk_size)
+
+
+def chunked_replay(
+    opt: Optimizer,
+    grads: Params,
+    state: State,
+    params: Params | None = None,
+    chunk_size: int | None = None,
+) -> Params:
+    """:func:`replay` through ``opt.update`` alone, ``chunk_size`` gradients per call.
+
+    ``chunk_size=None``: as many as ``ROW_BUDGET`` gradient coordinates allow.
     """
     n = grads[0].shape[0]
-    chunk = n if chunk_size is None else max(1, chunk_size)
+    if chunk_size is None:
+        coords = sum(g[0].numel() for g in grads)
+        chunk_size = max(1, ROW_BUDGET // max(1, coords))
+    chunk = max(1, chunk_size)
     out: list[Params] = []
     for start in range(0, n, chunk):
         part = tuple(g[start : start + chunk] for g in grads)

@@ -1,5 +1,5 @@
-"""Meta-test analysis callbacks: tags reach TensorBoard, values match ground truths, and the
-analyses never change the run they observe."""
+"""Meta-test analysis callbacks: tags reach TensorBoard and the run's record, values match
+ground truths, and the analyses never change the run they observe."""
 
 from __future__ import annotations
 
@@ -14,21 +14,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from callbacks import (
-    ALL_TAG_PREFIXES,
-    SymmetryBreaking,
-    TailIndex,
-    UpdateCovariance,
-    UpdateHistograms,
-    custom_scalars_layout,
-    emitted_tags,
-    tags_by_category,
-)
+from callbacks import SymmetryBreaking, TailIndex, UpdateCovariance, UpdateHistograms
+from callbacks.histograms import DISTRIBUTION
 from callbacks.tail_index import minibatch_grads
 from l2o.lstm import LSTMOptimizer
-from l2o.meta_testing import MetaTestSystem, MinibatchStream
+from l2o.meta_testing import MetaTestSystem, Snapshot
 from l2o.optimizees import MLPOptimizee, grads_of
 from l2o.optimizers import SGD, Adam
+from l2o.records import RecordLogger, read_record
+from l2o.streams import MetaTestData
 from l2o.tail_index import noise_alphas
 
 pytestmark = [
@@ -43,51 +37,59 @@ LEAKY = MLPOptimizee((D_IN, HIDDEN, CLASSES))
 BN = MLPOptimizee((D_IN, HIDDEN, CLASSES), activation="relu", batchnorm=True)
 
 
-class TinyData(L.LightningDataModule):
+def tiny_data(steps: int = STEPS, n_train: int = 160, blank: int = 0) -> MetaTestData:
     """Random features: a training split for the analyses and one stream of minibatches."""
-
-    def __init__(self, n_train: int = 160, steps: int = STEPS, seed: int = 0, blank: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.train_x = torch.randn(n_train, D_IN, generator=g)
-        self.train_x[:, :blank] = 0  # always-zero features, like MNIST's border pixels
-        self.train_y = torch.randint(0, CLASSES, (n_train,), generator=g)
-        self.test_x = torch.randn(64, D_IN, generator=g)
-        self.test_y = torch.randint(0, CLASSES, (64,), generator=g)
-        self.steps, self.seed = steps, seed
-
-    def test_dataloader(self) -> DataLoader:
-        stream = MinibatchStream(self.train_x, self.train_y, self.steps, BATCH, self.seed)
-        return DataLoader(stream, batch_size=None)
+    g = torch.Generator().manual_seed(0)
+    train_x = torch.randn(n_train, D_IN, generator=g)
+    train_x[:, :blank] = 0  # always-zero features, like MNIST's border pixels
+    train_y = torch.randint(0, CLASSES, (n_train,), generator=g)
+    test_x = torch.randn(64, D_IN, generator=g)
+    test_y = torch.randint(0, CLASSES, (64,), generator=g)
+    return MetaTestData(train_x, train_y, test_x, test_y, BATCH, steps, seed=0)
 
 
-def run(tmp_path, optimizer, callbacks=(), optimizee=LEAKY, steps=STEPS, logger=True, blank=0):
-    module = MetaTestSystem(optimizer, optimizee, seed=0, eval_every=2, steps=steps)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        inference_mode=False,
-        logger=TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
-        if logger
-        else False,
-        callbacks=list(callbacks),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-    )
-    trainer.test(module, datamodule=TinyData(steps=steps, blank=blank), verbose=False)
-    return module, trainer
+class Keep(L.Callback):
+    """Keeps the snapshots the module hands to callbacks (for reference computations)."""
+
+    def __init__(self):
+        self.snapshots: list[Snapshot] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if outputs is not None:
+            self.snapshots.append(outputs)
 
 
-def events(trainer) -> EventAccumulator:
-    trainer.logger.experiment.flush()
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
+class Run:
+    def __init__(self, tmp_path, optimizer, callbacks=(), optimizee=LEAKY, steps=STEPS, blank=0):
+        self.keep = Keep()
+        self.module = MetaTestSystem(optimizer, optimizee, seed=0, eval_every=2, steps=steps)
+        self.tb = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+        self.trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            inference_mode=False,
+            logger=[self.tb, RecordLogger(tmp_path / "record")],
+            callbacks=[*callbacks, self.keep],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
+        self.trainer.test(self.module, datamodule=tiny_data(steps, blank=blank), verbose=False)
+        self.record = read_record(tmp_path / "record")
+        self.tb.experiment.flush()
+        self.events = EventAccumulator(
+            self.tb.log_dir, size_guidance={"scalars": 0, "histograms": 0}
+        )
+        self.events.Reload()
 
+    def logged(self, tag: str) -> dict[int, float]:
+        """From TensorBoard's event files (float32)."""
+        return {e.step: e.value for e in self.events.Scalars(tag)}
 
-def logged(acc: EventAccumulator, tag: str) -> dict[int, float]:
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    def recorded(self, tag: str) -> dict[int, float]:
+        """From the run's record (float64: what the summary reads)."""
+        steps, values = self.record.scalars[tag]
+        return dict(zip(steps.tolist(), values.tolist()))
 
 
 def make_optimizer(name: str):
@@ -110,91 +112,94 @@ ALL = {
 @pytest.mark.parametrize("which", list(ALL))
 def test_each_callback_alone_logs_its_tags(tmp_path, opt_name, which):
     cb = ALL[which]()
-    module, trainer = run(tmp_path, make_optimizer(opt_name), [cb])
-    acc = events(trainer)
-    scalars = set(acc.Tags()["scalars"])
-    expected = set(emitted_tags(LEAKY, [cb])[f"{which}/"])
-    ours = {t for t in scalars if t.startswith(ALL_TAG_PREFIXES)}
-    assert ours == expected  # every promised tag, nothing else under the callbacks' prefixes
+    run = Run(tmp_path, make_optimizer(opt_name), [cb])
+    scalars = set(run.events.Tags()["scalars"])
+    expected = set(cb.scalar_tags(LEAKY))
+    assert cb.name == which
+    ours = {t for t in scalars if not t.startswith(("meta_test/", "hparams/"))}
+    assert ours == expected  # every promised tag, nothing else
+    assert {t for t in run.record.scalars if t.startswith(f"{which}/")} == expected
     for tag in expected:
-        values = logged(acc, tag)
+        values = run.logged(tag)
         assert sorted(values) == [1, 2, 4]  # step 1 always, then every 2nd step
-        assert sorted(s for s, _ in module.history[tag]) == [1, 2, 4]
+        assert sorted(run.recorded(tag)) == [1, 2, 4]
         assert all(math.isfinite(v) for v in values.values()), tag
+        for step, v in run.recorded(tag).items():  # the two stores got the same numbers
+            assert values[step] == pytest.approx(v, rel=1e-6, abs=1e-30)
     if which == "update_hist":
-        assert acc.Tags()["histograms"] == ["update_hist/abs_update"]
-        assert [e.step for e in acc.Histograms("update_hist/abs_update")] == [1, 2, 4]
-        assert sorted(cb.samples) == [1, 2, 4]
-        assert all(len(v) == 50 and (v >= 0).all() for v in cb.samples.values())
+        assert run.events.Tags()["histograms"] == [DISTRIBUTION]
+        assert [e.step for e in run.events.Histograms(DISTRIBUTION)] == [1, 2, 4]
+        assert sorted(run.record.arrays[DISTRIBUTION]) == [1, 2, 4]
     else:
-        assert acc.Tags()["histograms"] == []
+        assert run.events.Tags()["histograms"] == []
 
 
 def test_all_callbacks_together_with_batchnorm(tmp_path):
     cbs = [f() for f in ALL.values()]
-    module, trainer = run(tmp_path, Adam(lr=1e-2), cbs, optimizee=BN)
-    scalars = set(events(trainer).Tags()["scalars"])
-    for prefix, tags in emitted_tags(BN, cbs).items():
-        assert tags and set(tags) <= scalars, prefix
+    run = Run(tmp_path, Adam(lr=1e-2), cbs, optimizee=BN)
+    scalars = set(run.events.Tags()["scalars"])
+    for cb in cbs:
+        assert set(cb.scalar_tags(BN)) <= scalars, cb.name
     assert {"symmetry/update/scale/normalized", "symmetry/grad/rescale/abs_sum"} <= scalars
     # the scale symmetry holds for gradients up to BN's epsilon; Adam breaks it
-    g = dict(module.history["symmetry/grad/scale/normalized"])
-    u = dict(module.history["symmetry/update/scale/normalized"])
+    g = run.recorded("symmetry/grad/scale/normalized")
+    u = run.recorded("symmetry/update/scale/normalized")
     assert max(g.values()) < 1e-2 and min(u.values()) > 10 * max(g.values())
 
 
-def test_tag_listings():
-    cats = tags_by_category()
-    assert set(cats) == {p.rstrip("/") for p in ALL_TAG_PREFIXES}
-    assert "symmetry/update/scale/abs_sum" in cats["symmetry"]  # every constraint, no optimizee
-    assert "symmetry/update/scale/abs_sum" not in emitted_tags(LEAKY)["symmetry/"]
-    assert set(emitted_tags(LEAKY)["tail_index/"]) == {
-        f"tail_index/{k}/{s}"
-        for k in ("grad", "update")
-        for s in ("pooled", "robust", "zero_fraction")
-    }
-    layout = custom_scalars_layout(LEAKY)
-    assert layout["covariance"]["top_eig"] == [
-        "Multiline",
-        ["covariance/update/top_eig", "covariance/grad/top_eig"],
-    ]
-    charted = {t for cat in layout.values() for _, (_, tags) in cat.items() for t in tags}
-    assert charted == {t for tags in emitted_tags(LEAKY).values() for t in tags}
+@pytest.mark.parametrize("optimizee", [LEAKY, BN], ids=["leaky", "bn"])
+def test_each_analysis_owns_charts_columns_and_figure_of_its_tags(optimizee):
+    for cb in (f() for f in ALL.values()):
+        tags = cb.scalar_tags(optimizee)
+        assert all(t.startswith(f"{cb.name}/") for t in tags)
+        charted = [t for chart in cb.charts(optimizee).values() for t in chart]
+        assert sorted(charted) == sorted(tags), cb.name  # every tag charted exactly once
+        assert {c.tag for c in cb.summary_columns(optimizee)} <= set(tags)
+        fig = cb.figure(optimizee)
+        lines = [p for p in fig.panels if p.kind == "line"]
+        assert {p.tag for p in lines} <= set(tags)
+        assert all(p.title and p.title != p.tag for p in fig.panels)  # readable titles
+        sanity = [p.sanity for p in fig.panels]
+        assert sanity == sorted(sanity)  # main panels before the sanity ones
+    # gradient sanity lines never share a chart with the update's
+    sym = SymmetryBreaking()
+    for chart in sym.charts(optimizee).values():
+        assert len({t.split("/")[1] for t in chart}) == 1
+    assert {p.tag.split("/")[1] for p in sym.figure(optimizee).panels if p.sanity} == {"grad"}
 
 
 # --------------------------------------------------------------------------- ground truths
 def test_symmetry_sgd_update_is_lr_times_grad(tmp_path):
-    _, trainer = run(tmp_path, SGD(lr=LR, momentum=0.0), [SymmetryBreaking()])
-    acc = events(trainer)
+    run = Run(tmp_path, SGD(lr=LR, momentum=0.0), [SymmetryBreaking()])
     for c in ("rescale", "translation"):
         for stat in ("abs_sum", "signed_sum", "normalized"):
-            grad = logged(acc, f"symmetry/grad/{c}/{stat}")
-            upd = logged(acc, f"symmetry/update/{c}/{stat}")
+            grad = run.recorded(f"symmetry/grad/{c}/{stat}")
+            upd = run.recorded(f"symmetry/update/{c}/{stat}")
             assert sorted(grad) == list(range(1, STEPS + 1))
             scale = 1.0 if stat == "normalized" else LR
             for step, value in grad.items():
                 assert upd[step] == pytest.approx(scale * value, rel=1e-6, abs=1e-30)
         # gradients obey the constraints: ~0 (float rounding only)
-        assert max(logged(acc, f"symmetry/grad/{c}/normalized").values()) < 1e-4
+        assert max(run.recorded(f"symmetry/grad/{c}/normalized").values()) < 1e-4
 
 
 def test_symmetry_adam_breaks_what_gradients_keep(tmp_path):
-    module, _ = run(tmp_path, Adam(lr=1e-2), [SymmetryBreaking()])
+    run = Run(tmp_path, Adam(lr=1e-2), [SymmetryBreaking()])
     for c in ("rescale", "translation"):
-        g = dict(module.history[f"symmetry/grad/{c}/normalized"])
-        u = dict(module.history[f"symmetry/update/{c}/normalized"])
+        g = run.recorded(f"symmetry/grad/{c}/normalized")
+        u = run.recorded(f"symmetry/update/{c}/normalized")
         assert all(u[s] > 1e-3 > 10 * g[s] for s in g), c
 
 
 def test_tail_index_sgd_update_alpha_equals_grad_alpha(tmp_path):
-    _, trainer = run(tmp_path, SGD(lr=LR, momentum=0.0), [TailIndex(every_n_steps=1)])
-    acc = events(trainer)
+    run = Run(tmp_path, SGD(lr=LR, momentum=0.0), [TailIndex(every_n_steps=1)])
     for stat in ("pooled", "robust", "zero_fraction"):
-        grad, upd = logged(acc, f"tail_index/grad/{stat}"), logged(acc, f"tail_index/update/{stat}")
+        grad = run.recorded(f"tail_index/grad/{stat}")
+        upd = run.recorded(f"tail_index/update/{stat}")
         assert sorted(grad) == list(range(1, STEPS + 1))
         for step, value in grad.items():
             assert upd[step] == pytest.approx(value, rel=1e-5), (stat, step)
-    assert all(0 < a < 4 for a in logged(acc, "tail_index/grad/robust").values())
+    assert all(0 < a < 4 for a in run.recorded("tail_index/grad/robust").values())
 
 
 class ConstantStep:
@@ -212,22 +217,21 @@ class ConstantStep:
 def test_tail_index_blank_features_give_exact_zero_noise(tmp_path):
     # the first-layer weights of an always-zero feature get the same (zero) gradient from every
     # minibatch, so their update noise must be exactly zero for every optimizer, LSTM included
-    module, _ = run(tmp_path, make_optimizer("lstm"), [TailIndex(every_n_steps=1)], blank=5)
-    grad = dict(module.history["tail_index/grad/zero_fraction"])
-    upd = dict(module.history["tail_index/update/zero_fraction"])
+    run = Run(tmp_path, make_optimizer("lstm"), [TailIndex(every_n_steps=1)], blank=5)
+    grad = run.recorded("tail_index/grad/zero_fraction")
+    upd = run.recorded("tail_index/update/zero_fraction")
     assert all(grad[s] >= 5 * HIDDEN / LEAKY.num_params - 1e-12 for s in grad)
     assert all(upd[s] >= grad[s] for s in grad)
 
 
 def test_tail_index_without_update_noise_logs_nan(tmp_path):
     with pytest.warns(UserWarning, match="no update tail index"):
-        module, _ = run(tmp_path, ConstantStep(), [TailIndex()], steps=1)
-    hist = {k: v[0][1] for k, v in module.history.items() if k.startswith("tail_index/")}
-    assert math.isnan(hist["tail_index/update/pooled"]) and math.isnan(
-        hist["tail_index/update/robust"]
-    )
-    assert hist["tail_index/update/zero_fraction"] == 1.0
-    assert math.isfinite(hist["tail_index/grad/robust"])
+        run = Run(tmp_path, ConstantStep(), [TailIndex()], steps=1)
+    first = {t: run.recorded(t)[1] for t in run.record.scalars if t.startswith("tail_index/")}
+    assert math.isnan(first["tail_index/update/pooled"])
+    assert math.isnan(first["tail_index/update/robust"])
+    assert first["tail_index/update/zero_fraction"] == 1.0
+    assert math.isfinite(first["tail_index/grad/robust"])
 
 
 def test_minibatch_grads_match_a_loop():
@@ -244,8 +248,8 @@ def test_minibatch_grads_match_a_loop():
 
 def test_tail_index_lstm_matches_a_protocol_loop(tmp_path):
     opt = make_optimizer("lstm")
-    module, _ = run(tmp_path, opt, [TailIndex(analysis_batches=6)], steps=1)
-    snap, data = module.snapshot, TinyData()
+    run = Run(tmp_path, opt, [TailIndex(analysis_batches=6)], steps=1)
+    snap, data = run.keep.snapshots[0], tiny_data()
     xb = data.train_x[: 6 * BATCH].view(6, 1, BATCH, D_IN)
     yb = data.train_y[: 6 * BATCH].view(6, 1, BATCH)
     grads = [grads_of(LEAKY.loss, snap.params, x, y)[1] for x, y in zip(xb, yb)]
@@ -260,42 +264,50 @@ def test_tail_index_lstm_matches_a_protocol_loop(tmp_path):
     for kind, rows, center in (("grad", grads, full), ("update", updates, full_update)):
         noise = torch.stack([flat(r) - flat(center) for r in rows])
         for stat, value in noise_alphas(noise).items():
-            got = module.history[f"tail_index/{kind}/{stat}"][0][1]
+            got = run.recorded(f"tail_index/{kind}/{stat}")[1]
             assert got == pytest.approx(value, rel=1e-4, abs=1e-9), (kind, stat)
 
 
 def test_tail_index_analysis_set_is_whole_minibatches(tmp_path):
     cb = TailIndex(analysis_batches=3)
-    run(tmp_path, SGD(lr=LR, momentum=0.0), [cb], steps=1)
+    Run(tmp_path, SGD(lr=LR, momentum=0.0), [cb], steps=1)
     key, (xb, yb) = cb._cache
     assert key[0] == BATCH and xb.shape == (3, BATCH, D_IN) and yb.shape == (3, BATCH)
-    data = TinyData()
-    torch.testing.assert_close(xb.reshape(-1, D_IN), data.train_x[: 3 * BATCH])
+    torch.testing.assert_close(xb.reshape(-1, D_IN), tiny_data().train_x[: 3 * BATCH])
     with pytest.raises(ValueError, match="analysis_batches"):
         TailIndex(analysis_batches=1)
 
 
 def test_covariance_sgd_update_is_lr_squared_times_grad(tmp_path):
     cb = UpdateCovariance(every_n_steps=1, num_samples=64, seed=3)
-    _, trainer = run(tmp_path, SGD(lr=LR, momentum=0.0), [cb])
-    acc = events(trainer)
+    run = Run(tmp_path, SGD(lr=LR, momentum=0.0), [cb])
     for stat in ("top_eig", "trace"):
-        grad, upd = logged(acc, f"covariance/grad/{stat}"), logged(acc, f"covariance/update/{stat}")
+        grad = run.recorded(f"covariance/grad/{stat}")
+        upd = run.recorded(f"covariance/update/{stat}")
         assert sorted(grad) == list(range(1, STEPS + 1))
         for step, value in grad.items():
             assert value > 0
             assert upd[step] == pytest.approx(LR**2 * value, rel=1e-5), (stat, step)
-    for step, value in logged(acc, "covariance/grad/top_eig").items():
-        assert value <= logged(acc, "covariance/grad/trace")[step] * (1 + 1e-6)
+    for step, value in run.recorded("covariance/grad/top_eig").items():
+        assert value <= run.recorded("covariance/grad/trace")[step] * (1 + 1e-6)
 
 
-def test_histogram_samples_are_the_update_magnitudes(tmp_path):
+def test_histogram_is_of_log10_update_magnitudes(tmp_path):
     cb = UpdateHistograms(every_n_steps=1, max_samples=10_000)  # more than the coordinates
-    module, _ = run(tmp_path, SGD(lr=LR, momentum=0.0), [cb], steps=1)
-    snap = module.snapshot
-    mags = torch.cat([u.reshape(-1) for u in snap.updates]).abs().numpy()
-    np.testing.assert_array_equal(cb.samples[1], mags)
-    assert module.history["update_hist/mean_abs_update"][0][1] == pytest.approx(mags.mean())
+    opt = Adam(lr=1e-2)  # Adam's first update is lr * sign(g): exact zeros where g == 0
+    run = Run(tmp_path, opt, [cb], steps=1, blank=5)
+    mags = torch.cat([u.reshape(-1) for u in run.keep.snapshots[0].updates]).abs().double()
+    nonzero = mags[mags > 0]
+    assert len(nonzero) < len(mags)  # the blank features' weights
+    np.testing.assert_allclose(run.record.arrays[DISTRIBUTION][1], np.log10(nonzero.numpy()))
+    assert run.recorded("update_hist/mean_abs_update")[1] == pytest.approx(float(mags.mean()))
+    assert run.recorded("update_hist/zero_fraction")[1] == pytest.approx(
+        1 - len(nonzero) / len(mags)
+    )
+    (hist,) = run.events.Histograms(DISTRIBUTION)  # TensorBoard's: of log10 |u|, all nonzero
+    assert hist.histogram_value.num == len(nonzero)
+    assert hist.histogram_value.min == pytest.approx(float(np.log10(nonzero.min())), rel=1e-6)
+    assert hist.histogram_value.max == pytest.approx(float(np.log10(nonzero.max())), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- no side effects
@@ -304,25 +316,18 @@ def test_callbacks_do_not_change_the_run(tmp_path, opt_name):
     def optimizer():
         return SGD(lr=LR, momentum=0.9) if opt_name == "sgd_momentum" else make_optimizer("lstm")
 
-    plain, _ = run(tmp_path / "plain", optimizer(), steps=5)
+    plain = Run(tmp_path / "plain", optimizer(), steps=5)
     cbs = [
         SymmetryBreaking(),
         TailIndex(every_n_steps=2),
         UpdateCovariance(every_n_steps=2, num_samples=32),
         UpdateHistograms(every_n_steps=2),
     ]
-    watched, _ = run(tmp_path / "watched", optimizer(), cbs, steps=5)
-    assert watched.history["meta_test/train_loss"] == plain.history["meta_test/train_loss"]
-    assert watched.history["meta_test/test_loss"] == plain.history["meta_test/test_loss"]
-    for a, b in zip(watched.params, plain.params):
+    watched = Run(tmp_path / "watched", optimizer(), cbs, steps=5)
+    for tag in ("meta_test/train_loss", "meta_test/test_loss"):
+        assert watched.recorded(tag) == plain.recorded(tag)
+    for a, b in zip(watched.module.params, plain.module.params):
         assert torch.equal(a, b)
-
-
-def test_works_without_a_logger(tmp_path):
-    cbs = [UpdateHistograms(every_n_steps=1), SymmetryBreaking()]
-    module, _ = run(tmp_path, SGD(lr=LR, momentum=0.0), cbs, steps=2, logger=False)
-    assert sorted(cbs[0].samples) == [1, 2]
-    assert len(module.history["symmetry/update/translation/abs_sum"]) == 2
 
 
 # --------------------------------------------------------------------------- errors
@@ -334,15 +339,20 @@ class NotMetaTest(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.layer(batch).sum()
 
+    def test_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
     def train_dataloader(self):
         return DataLoader(torch.randn(4, 2), batch_size=2)
+
+    test_dataloader = train_dataloader
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.mark.parametrize("factory", list(ALL.values()), ids=list(ALL))
-def test_error_on_a_fit_of_another_module(tmp_path, factory):
+def test_error_in_a_fit(tmp_path, factory):
     trainer = L.Trainer(
         max_steps=1,
         logger=False,
@@ -352,13 +362,26 @@ def test_error_on_a_fit_of_another_module(tmp_path, factory):
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
-    with pytest.raises(MisconfigurationException, match="MetaTestSystem-like module"):
+    with pytest.raises(MisconfigurationException, match="not stage 'fit'"):
         trainer.fit(NotMetaTest())
+
+
+def test_error_when_test_step_returns_no_snapshot(tmp_path):
+    trainer = L.Trainer(
+        logger=False,
+        callbacks=[SymmetryBreaking()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(MisconfigurationException, match="reads the Snapshot"):
+        trainer.test(NotMetaTest(), verbose=False)
 
 
 @pytest.mark.parametrize("factory", [ALL["tail_index"], ALL["covariance"]])
 def test_error_without_the_datamodule(tmp_path, factory):
-    data = TinyData()
+    data = tiny_data()
     module = MetaTestSystem(SGD(lr=LR, momentum=0.0), LEAKY, steps=STEPS)
     trainer = L.Trainer(
         inference_mode=False,
@@ -372,12 +395,13 @@ def test_error_without_the_datamodule(tmp_path, factory):
         trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)
 
 
-def test_error_in_another_stage_and_bad_arguments():
-    cb = SymmetryBreaking()
-    module = MetaTestSystem(SGD(lr=LR, momentum=0.0), LEAKY)
-    with pytest.raises(MisconfigurationException, match="Trainer.test"):
-        cb.setup(L.Trainer(logger=False), module, "fit")
+def test_bad_arguments_and_data_are_clear():
     with pytest.raises(ValueError, match="every_n_steps"):
         UpdateHistograms(every_n_steps=0)
     with pytest.raises(ValueError, match="num_samples"):
         UpdateCovariance(num_samples=1)
+    with pytest.raises(ValueError, match="training split has only 160"):
+        UpdateCovariance(num_samples=161).check(tiny_data())
+    UpdateCovariance(num_samples=160).check(tiny_data())
+    with pytest.raises(ValueError, match="fewer than 2 minibatches"):
+        TailIndex().check(tiny_data(n_train=BATCH + 1))

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from l2o.covariance import (
-    covariance_analysis,
-    flatten,
-    per_sample_grads,
-    per_sample_updates,
-    update_covariance,
-)
+from l2o.covariance import covariance_analysis, flatten, per_sample_grads, update_covariance
 from l2o.lstm import LSTMOptimizer
 from l2o.optimizees import MLPOptimizee, grads_of
-from l2o.optimizers import SGD, Adam, replay
+from l2o.optimizers import SGD, Adam, chunked_replay, replay
 
 
 def _data(n, features, classes=3, seed=0, dtype=torch.float64):
@@ -146,12 +140,12 @@ def test_update_covariance_is_centred_on_the_full_batch_update():
     ("block_rows", "min_width", "sample_chunk"), [(2**13, 256, 2048), (50, 1, 5)]
 )
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])  # no, some, all zero pixels
-def test_lstm_per_sample_updates_match_a_loop_of_single_updates(
+def test_lstm_replay_matches_a_loop_of_single_updates(
     sparsity, block_rows, min_width, sample_chunk, monkeypatch
 ):
-    monkeypatch.setattr("l2o.covariance.BLOCK_ROWS", block_rows)
-    monkeypatch.setattr("l2o.covariance.MIN_WIDTH", min_width)
-    monkeypatch.setattr("l2o.covariance.SAMPLE_CHUNK", sample_chunk)
+    monkeypatch.setattr("l2o.lstm_replay.BLOCK_ROWS", block_rows)
+    monkeypatch.setattr("l2o.lstm_replay.MIN_WIDTH", min_width)
+    monkeypatch.setattr("l2o.lstm_replay.SAMPLE_CHUNK", sample_chunk)
     torch.manual_seed(7)
     opt = MLPOptimizee((30, 8, 4))
     params = opt.init(1)
@@ -166,11 +160,11 @@ def test_lstm_per_sample_updates_match_a_loop_of_single_updates(
     with torch.no_grad():
         loop = [lstm.update(tuple(g[i] for g in grads), state, params)[0] for i in range(16)]
         loop = tuple(torch.stack(parts) for parts in zip(*loop))
-        protocol = replay(lstm, grads, state, params, chunk_size=5)
-        fast = per_sample_updates(lstm, grads, state, params)
-        slow = per_sample_updates(lstm, grads, state, params, chunk_size=3, fast=False)
+        protocol = chunked_replay(lstm, grads, state, params, chunk_size=5)
+        fast = replay(lstm, grads, state, params)  # LSTMOptimizer.replay, l2o.lstm_replay
+        one_call = lstm.update(grads, state, params)[0]
     _close(protocol, loop, 1e-6)
-    _close(slow, loop, 1e-6)
+    _close(one_call, loop, 1e-6)
     _close(fast, loop, 1e-6)
     # The replay does not advance the state.
     again = lstm.update(tuple(g[0] for g in grads), state, params)[0]

@@ -354,17 +354,61 @@ def test_detach_state_cuts_the_graph():
 
 
 # --------------------------------------------------------------------------- compile path
-def test_spelled_out_core_matches_lstm_cell_core():
-    """The arithmetic torch.compile fuses equals the eager torch.lstm_cell path (no compile)."""
+def test_spelled_out_cell_matches_torch_lstm_cell():
+    """The arithmetic torch.compile fuses (lstm_cell) equals the eager torch.lstm_cell path."""
     lstm = _lstm(seed=13, num_layers=3, hidden_size=9)
     flat = torch.randn(40) * torch.logspace(-8, 1, 40)
     h = torch.randn(3, 40, 9)
     c = torch.randn(3, 40, 9)
     with torch.no_grad():
-        a = lstm_mod._lstm_eager(flat, h, c, 10.0, *lstm._weights())
-        b = lstm_mod._lstm_spelled_out(flat, h, c, 10.0, *lstm._weights())
+        a = lstm_mod.lstm_forward(torch.lstm_cell, flat, h, c, 10.0, *lstm._weights())
+        b = lstm_mod.lstm_forward(lstm_mod.lstm_cell, flat, h, c, 10.0, *lstm._weights())
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_replay_rows_variant_matches_the_cell(num_layers):
+    """l2o.lstm_replay._lstm_rows (feature-major, tanh through sigmoid, c stored as 2c) is the
+    same function as lstm_forward with either cell: k gradients per coordinate, each
+    coordinate with its own state."""
+    from l2o.lstm import preprocess_parts
+    from l2o.lstm_replay import _lstm_rows
+
+    lstm = _lstm(seed=21, num_layers=num_layers, hidden_size=7)
+    k, m, hidden = 5, 33, 7
+    g = torch.randn(k, m) * torch.logspace(-7, 0, m)  # both branches of the preprocessing
+    h = torch.randn(num_layers, m, hidden) * 0.5
+    c = torch.randn(num_layers, m, hidden)
+    with torch.no_grad():
+        double_g = torch.ones(4 * hidden, 1)
+        double_g[2 * hidden : 3 * hidden] = 2.0
+        hw, cs, w_ih = [], [], []
+        for layer, cell in enumerate(lstm.cells):
+            rec = torch.addmm((cell.bias_ih + cell.bias_hh)[:, None], cell.weight_hh, h[layer].t())
+            hw.append(rec * double_g)
+            cs.append((2 * c[layer]).t().contiguous())
+            w_ih.append(cell.weight_ih * double_g)
+        rows = _lstm_rows(
+            g.clone(),
+            hw,
+            cs,
+            w_ih,
+            (lstm.head.weight, lstm.head.bias),
+            lstm.preprocess_p,
+            lstm.output_scale,
+            preprocess_parts,
+        )
+        # the reference: every (row, coordinate) pair as one row of the row-major LSTM
+        hr = h.unsqueeze(1).expand(-1, k, -1, -1).reshape(num_layers, k * m, hidden)
+        cr = c.unsqueeze(1).expand(-1, k, -1, -1).reshape(num_layers, k * m, hidden)
+        for cell_fn in (torch.lstm_cell, lstm_mod.lstm_cell):
+            out, _, _ = lstm_mod.lstm_forward(
+                cell_fn, g.reshape(-1), hr, cr, lstm.preprocess_p, *lstm._weights()
+            )
+            torch.testing.assert_close(
+                rows, out.view(k, m) * lstm.output_scale, atol=1e-6, rtol=1e-5
+            )
 
 
 def test_deepcopy_drops_compiled_function():
