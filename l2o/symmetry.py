@@ -2,18 +2,22 @@
 
 A loss that is invariant under a continuous group of parameter transformations has gradients
 that obey one linear constraint per group generator. Gradient descent inherits the constraint;
-an optimizer whose step ``Delta = -update`` violates it *breaks* the symmetry. For the MLPs of
-``l2o.optimizees`` three families apply, found from the optimizee's structure (all hidden
-layers, neuron by neuron):
+an optimizer whose step ``Delta = -update`` violates it *breaks* the symmetry. For the MLPs and
+CNNs of ``l2o.optimizees`` three families apply, found from the optimizee's structure (all
+hidden layers, unit by unit; a unit is an MLP neuron or a CNN channel):
 
 ``rescale`` (hidden layers with a positively homogeneous activation, ``HOMOGENEOUS``)
-    Scaling neuron j's incoming parameters by a > 0 and its outgoing weights by 1/a leaves the
-    network unchanged. Incoming parameters are what feeds the activation: ``(W_l[j,:], b_l[j])``,
-    or ``(gamma_l[j], beta_l[j])`` when the layer has BatchNorm (BN's affine output is the
-    activation's input, and BN makes W_l, b_l scale-free anyway). Outgoing: ``W_{l+1}[:, j]``.
+    Scaling unit j's incoming parameters by a > 0 and its outgoing weights by 1/a leaves the
+    network unchanged. Incoming parameters are what feeds the activation: ``(W_l[j], b_l[j])``
+    (a neuron's row or a channel's ``(in, k, k)`` kernel), or ``(gamma_l[j], beta_l[j])`` when
+    the layer has BatchNorm (BN's affine output is the activation's input, and BN makes W_l,
+    b_l scale-free anyway). Outgoing: the entries of the next weight that read unit j
+    (``HiddenLayer.sum_reading``): an MLP's column ``W_{l+1}[:, j]``, a convolution's input
+    channel ``K_{l+1}[:, j]``, or the ``H * W`` columns of channel j in the softmax layer after
+    flattening. A CNN's max- or average pooling is positively homogeneous, so it keeps this.
     ``d_j = <Delta_in, theta_in> - <Delta_out, theta_out>``.
 ``scale`` (hidden layers with BatchNorm)
-    BN divides out any scaling of ``(W_l[j,:], b_l[j])``: ``d_j = <Delta_in, theta_in>``. BN's
+    BN divides out any scaling of ``(W_l[j], b_l[j])``: ``d_j = <Delta_in, theta_in>``. BN's
     epsilon breaks this for gradients too, by a relative O(eps / var) (about 1e-4 at eps=1e-5).
 ``translation`` (the softmax output layer)
     Adding the same constant to every logit changes nothing, so for each input column i of
@@ -32,12 +36,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from l2o.optimizees import HOMOGENEOUS, MLPOptimizee, Params
+from l2o.optimizees import HOMOGENEOUS, Optimizee, Params
 
 CONSTRAINTS = ("rescale", "scale", "translation")
 
 
-def constraints_of(optimizee: MLPOptimizee) -> tuple[str, ...]:
+def constraints_of(optimizee: Optimizee) -> tuple[str, ...]:
     """Which symmetry constraints the optimizee's structure has, in ``CONSTRAINTS`` order."""
     out = []
     if optimizee.activation in HOMOGENEOUS:
@@ -55,14 +59,14 @@ def _dot(delta: Tensor, theta: Tensor, dims: int) -> Tensor:
 
 
 def deviation_terms(
-    optimizee: MLPOptimizee,
+    optimizee: Optimizee,
     params: Params,
     delta: Params,
     constraints: tuple[str, ...] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-neuron deviations and their normalisers: ``{constraint: (d, normaliser)}``.
+    """Per-unit deviations and their normalisers: ``{constraint: (d, normaliser)}``.
 
-    Both are ``(..., P, n)``, neurons concatenated over hidden layers (``rescale``, ``scale``) or
+    Both are ``(..., P, n)``, units concatenated over hidden layers (``rescale``, ``scale``) or
     the output layer's input columns plus the bias as column ``n - 1`` (``translation``).
     Normalisers, chosen so that ``|d| / normaliser`` is a scale-free fraction in [0, 1]:
 
@@ -93,19 +97,21 @@ def deviation_terms(
             if layer.bn_weight is not None:  # BN's affine output feeds the activation
                 a = _dot(delta[layer.bn_weight], params[layer.bn_weight], 0)
                 a = a + _dot(delta[layer.bn_bias], params[layer.bn_bias], 0)
-            else:
-                a = _dot(delta[layer.weight], params[layer.weight], 1)
+            else:  # a neuron's row (1 dim) or a channel's kernel (in, k, k): 3 dims
+                nd = params[layer.weight].dim() - 2
+                a = _dot(delta[layer.weight], params[layer.weight], nd)
                 a = a + _dot(delta[layer.bias], params[layer.bias], 0)
-            # column j of the next weight (..., out_next, n_j): sum over the row dim
+            # the entries of the next weight that read unit j (an MLP's column j)
             w, dw = params[layer.out_weight], delta[layer.out_weight]
-            b = (dw * w).sum(dim=-2)
+            b = layer.sum_reading(dw * w)
             ds.append(a - b)
             norms.append(a.abs() + b.abs())
         out["rescale"] = (torch.cat(ds, -1), torch.cat(norms, -1))
     if "scale" in wanted:
         ds, norms = [], []
         for layer in optimizee.hidden:
-            dw, w = delta[layer.weight], params[layer.weight]
+            nd = params[layer.weight].dim() - 2  # flatten a kernel (in, k, k) like a row
+            dw, w = delta[layer.weight].flatten(-nd), params[layer.weight].flatten(-nd)
             db, b = delta[layer.bias], params[layer.bias]
             ds.append(_dot(dw, w, 1) + db * b)
             # torch.linalg.vector_norm has a finite (zero) gradient at 0, unlike sqrt(sum sq)
@@ -123,13 +129,13 @@ def deviation_terms(
     return {c: out[c] for c in wanted}
 
 
-def deviations(optimizee: MLPOptimizee, params: Params, delta: Params) -> dict[str, Tensor]:
+def deviations(optimizee: Optimizee, params: Params, delta: Params) -> dict[str, Tensor]:
     """``{constraint: d}`` with ``d`` of shape ``(..., P, n)``; see ``deviation_terms``."""
     return {c: d for c, (d, _) in deviation_terms(optimizee, params, delta).items()}
 
 
 def summarize(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """Reduce ``deviation_terms`` output over neurons, per population member ``(..., P)``.
+    """Reduce ``deviation_terms`` output over units, per population member ``(..., P)``.
 
     Keys ``"<constraint>/abs_sum"`` = sum_j |d_j| (the primary figure),
     ``"<constraint>/signed_sum"`` = sum_j d_j (the seed code's convention; terms of opposite
@@ -138,19 +144,19 @@ def summarize(terms: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """
     out: dict[str, Tensor] = {}
     for c, (d, norm) in terms.items():
-        tiny = torch.finfo(d.dtype).tiny  # only guards 0/0 (e.g. dead ReLU neurons) -> 0
+        tiny = torch.finfo(d.dtype).tiny  # only guards 0/0 (e.g. dead ReLU units) -> 0
         out[f"{c}/abs_sum"] = d.abs().sum(-1)
         out[f"{c}/signed_sum"] = d.sum(-1)
         out[f"{c}/normalized"] = (d.abs() / (norm + tiny)).mean(-1)
     return out
 
 
-def symmetry_metrics(optimizee: MLPOptimizee, params: Params, delta: Params) -> dict[str, Tensor]:
+def symmetry_metrics(optimizee: Optimizee, params: Params, delta: Params) -> dict[str, Tensor]:
     """All applicable constraints' ``summarize`` statistics for the step ``delta``."""
     return summarize(deviation_terms(optimizee, params, delta))
 
 
-def penalty(optimizee: MLPOptimizee, params: Params, delta: Params, constraint: str) -> Tensor:
+def penalty(optimizee: Optimizee, params: Params, delta: Params, constraint: str) -> Tensor:
     """sum_j |d_j| for one constraint, ``(..., P)``: a differentiable symmetry-breaking penalty.
 
     Gradients flow into ``delta`` (and ``params``, if they require grad: detach them to

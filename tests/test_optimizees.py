@@ -80,7 +80,7 @@ def test_build_optimizee_and_spec_roundtrip():
     assert build_optimizee(opt) is opt
     with pytest.raises(ValueError, match=r"unknown optimizee option\(s\) \['width'\]"):
         build_optimizee({"sizes": [4, 3, 2], "width": 3})
-    with pytest.raises(TypeError, match="MLPOptimizee or a dict"):
+    with pytest.raises(TypeError, match="an MLPOptimizee, a ConvOptimizee or a dict"):
         build_optimizee([4, 3, 2])
 
 
@@ -92,6 +92,7 @@ def test_default_is_study_network():
     assert opt.num_params == 784 * 20 + 20 + 20 * 10 + 10 == 15910
     assert opt.name == "mlp-784-20-10-leaky_relu"
     assert {"relu", "leaky_relu"} == HOMOGENEOUS
+    assert opt.num_features == 784 and opt.num_classes == 10
 
 
 @pytest.mark.parametrize("batchnorm", [False, True])
