@@ -27,7 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from l2o.data import MNISTDataModule
 from l2o.evaluation import LR_GRID, run_experiment
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import ConvOptimizee, MLPOptimizee
 from l2o.specs import parse_optimizers
 
 ANALYSES_FILE = Path(__file__).resolve().parent / "configs" / "analyses.yaml"
@@ -78,7 +78,7 @@ SHORTHANDS = {
 def command_line(
     optimizers: list[dict[str, Any]] | None = None,
     checkpoints: list[str] | None = None,
-    optimizee: MLPOptimizee | None = None,
+    optimizee: MLPOptimizee | ConvOptimizee | None = None,
     data: MNISTDataModule | None = None,
     analyses: list[L.Callback] | None = None,
     every: dict[str, int] | None = None,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from l2o.analysis import Column, FigureSpec, Panel
 from l2o.meta_testing import Snapshot, log_metrics
-from l2o.optimizees import MLPOptimizee, Params
+from l2o.optimizees import Optimizee, Params
 
 
 def flatten_params(tensors: Params, lead: int = 0) -> Tensor:
@@ -71,7 +71,7 @@ class Analysis(L.Callback):
         ``torch.enable_grad`` where gradients are taken)."""
         raise NotImplementedError
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         """Every scalar tag ``compute`` returns for this optimizee family."""
         raise NotImplementedError
 
@@ -87,14 +87,14 @@ class Analysis(L.Callback):
                 "setup (e.g. l2o.streams.MetaTestData), not bare dataloaders."
             )
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         """One custom-scalars chart per tag."""
         return {t.removeprefix(f"{self.name}/"): [t] for t in self.scalar_tags(optimizee)}
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         return []
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec | None:
+    def figure(self, optimizee: Optimizee) -> FigureSpec | None:
         """One panel per scalar tag."""
         panels = tuple(
             Panel(t, t.removeprefix(f"{self.name}/"), "value") for t in self.scalar_tags(optimizee)

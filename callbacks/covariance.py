@@ -10,7 +10,7 @@ from callbacks.base import Analysis
 from l2o.analysis import Column, FigureSpec, Panel
 from l2o.covariance import covariance_analysis
 from l2o.meta_testing import Snapshot
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 
 STATISTICS = ("top_eig", "trace")
 
@@ -65,7 +65,7 @@ class UpdateCovariance(Analysis):
         self.chunk_size, self.method = chunk_size, method
         self._cache: tuple[str, tuple[Tensor, Tensor]] | None = None
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [f"covariance/{k}/{s}" for k in ("update", "grad") for s in STATISTICS]
 
     def check(self, data) -> None:
@@ -83,7 +83,7 @@ class UpdateCovariance(Analysis):
         super().setup(trainer, pl_module, stage)
         self._cache = None
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         # Update and gradient covariances have different units: separate charts.
         return {
             f"{s} ({what})": [f"covariance/{k}/{s}"]
@@ -91,10 +91,10 @@ class UpdateCovariance(Analysis):
             for s in STATISTICS
         }
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         return [Column("covariance/update/top_eig", "update/top_eig")]
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+    def figure(self, optimizee: Optimizee) -> FigureSpec:
         what = {"update": "per-sample updates", "grad": "per-sample gradients"}
         stat = {"top_eig": "Top eigenvalue", "trace": "Trace"}
         unit = {"update": "(parameter^2)", "grad": "(gradient^2)"}

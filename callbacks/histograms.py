@@ -9,7 +9,7 @@ import torch
 from callbacks.base import Analysis, flatten_params
 from l2o.analysis import FigureSpec, Panel
 from l2o.meta_testing import Snapshot, log_distribution
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 
 DISTRIBUTION = "update_hist/log10_abs_update"
 
@@ -42,7 +42,7 @@ class UpdateHistograms(Analysis):
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.max_samples, self.seed = int(max_samples), int(seed)
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return ["update_hist/mean_abs_update", "update_hist/zero_fraction"]
 
     def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
@@ -60,13 +60,13 @@ class UpdateHistograms(Analysis):
             "update_hist/zero_fraction": float((mags == 0).double().mean()),
         }
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         return {
             "mean |update|": ["update_hist/mean_abs_update"],
             "fraction of updates exactly 0": ["update_hist/zero_fraction"],
         }
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+    def figure(self, optimizee: Optimizee) -> FigureSpec:
         return FigureSpec(
             "update_histograms",
             "Distribution of update magnitudes |u|",

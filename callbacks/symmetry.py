@@ -7,7 +7,7 @@ import lightning as L
 from callbacks.base import Analysis
 from l2o.analysis import Column, FigureSpec, Panel
 from l2o.meta_testing import Snapshot
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 from l2o.symmetry import constraints_of, symmetry_metrics
 
 STATISTICS = ("abs_sum", "signed_sum", "normalized")
@@ -48,7 +48,7 @@ class SymmetryBreaking(Analysis):
     def __init__(self, every_n_steps: int = 1) -> None:
         super().__init__(every_n_steps)
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [
             f"symmetry/{kind}/{c}/{s}"
             for kind in ("update", "grad")
@@ -65,7 +65,7 @@ class SymmetryBreaking(Analysis):
                 out[f"symmetry/{kind}/{key}"] = float(value.mean())
         return out
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         # The update's charts first, then the gradient's sanity charts, never on one axis.
         return {
             f"{c}/{s}{suffix}": [f"symmetry/{kind}/{c}/{s}"]
@@ -74,13 +74,13 @@ class SymmetryBreaking(Analysis):
             for s in STATISTICS
         }
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         return [
             Column(f"symmetry/update/{c}/abs_sum", f"update/{c}/abs_sum")
             for c in constraints_of(optimizee)
         ]
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+    def figure(self, optimizee: Optimizee) -> FigureSpec:
         cs = constraints_of(optimizee)
         panels = [
             Panel(

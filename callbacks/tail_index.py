@@ -12,15 +12,13 @@ from torch import Tensor
 from callbacks.base import Analysis, flatten_params
 from l2o.analysis import Column, FigureSpec, Panel
 from l2o.meta_testing import Snapshot
-from l2o.optimizees import MLPOptimizee, Params
+from l2o.optimizees import Optimizee, Params
 from l2o.optimizers import replay
-from l2o.tail_index import noise_alphas
-
-STATISTICS = ("pooled", "robust", "zero_fraction")
+from l2o.tail_index import STATISTICS, noise_alphas
 
 
 def minibatch_grads(
-    optimizee: MLPOptimizee,
+    optimizee: Optimizee,
     params: Params,
     xb: Tensor,
     yb: Tensor,
@@ -99,7 +97,7 @@ class TailIndex(Analysis):
         self.analysis_batches, self.chunk_size = analysis_batches, chunk_size
         self._cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [f"tail_index/{k}/{s}" for k in ("grad", "update") for s in STATISTICS]
 
     def check(self, data) -> None:
@@ -116,18 +114,18 @@ class TailIndex(Analysis):
         super().setup(trainer, pl_module, stage)
         self._cache = None
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         # Both on one chart: the gradient's alpha is the reference the update's is read against.
         return {s: [f"tail_index/update/{s}", f"tail_index/grad/{s}"] for s in STATISTICS}
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         return [
             Column(f"tail_index/{k}/{s}", f"α {k}/{s}")
             for s in ("pooled", "robust")
             for k in ("grad", "update")
         ]
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+    def figure(self, optimizee: Optimizee) -> FigureSpec:
         # alpha-stable tails have 0 < alpha <= 2; the estimator leaves that range (even < 0) on
         # noise that is not alpha-stable-like, e.g. Lion's few discrete update values.
         what = {"update": "update noise", "grad": "gradient noise"}
@@ -195,8 +193,8 @@ class TailIndex(Analysis):
                     f"TailIndex: no {kind} tail index at step {snapshot.step} ({err}); logging NaN",
                     stacklevel=2,
                 )
-                zero = float((rows == 0).double().mean())
-                alphas = {"pooled": math.nan, "robust": math.nan, "zero_fraction": zero}
+                alphas = {stat: math.nan for stat in STATISTICS}
+                alphas["zero_fraction"] = float((rows == 0).double().mean())
             for stat in STATISTICS:
                 out[f"tail_index/{kind}/{stat}"] = float(alphas[stat])
         return out

@@ -9,10 +9,10 @@ import torch
 from callbacks.base import Analysis
 from l2o.analysis import Column, FigureSpec, Panel
 from l2o.meta_testing import Snapshot
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 
 
-def tensor_names(optimizee: MLPOptimizee) -> list[str]:
+def tensor_names(optimizee: Optimizee) -> list[str]:
     """``layer<l>/<role>`` for each parameter tensor, in the optimizee's order (``layer1/weight``,
     ``layer1/bias``, ``layer1/gamma``, ...; the output layer is the last)."""
     names, layer = [], 0
@@ -43,7 +43,7 @@ class UpdateRatio(Analysis):
     def __init__(self, every_n_steps: int = 10) -> None:
         super().__init__(every_n_steps)
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [f"update_ratio/{n}" for n in tensor_names(optimizee)]
 
     def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
@@ -56,14 +56,14 @@ class UpdateRatio(Analysis):
             out[f"update_ratio/{name}"] = float(ratio.mean())
         return out
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         return [
             Column(f"update_ratio/{n}", f"‖Δθ‖/‖θ‖ {n}")
             for n in tensor_names(optimizee)
             if n.endswith("/weight")
         ]
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec:
+    def figure(self, optimizee: Optimizee) -> FigureSpec:
         names = tensor_names(optimizee)
         return FigureSpec(
             "update_ratio",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,14 @@ class AnalysisProtocol(Protocol):
         """Raise ``ValueError`` naming the setting to change if ``data`` (its ``train_x``,
         ``train_y``, ``batch_size``) cannot be analysed: called before any run or tuning."""
 
-    def scalar_tags(self, optimizee: MLPOptimizee) -> list[str]:
+    def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         """Every scalar tag it logs for this optimizee family."""
 
-    def charts(self, optimizee: MLPOptimizee) -> dict[str, list[str]]:
+    def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         """TensorBoard custom-scalars charts: ``{chart title: [tags]}``."""
 
-    def summary_columns(self, optimizee: MLPOptimizee) -> list[Column]:
+    def summary_columns(self, optimizee: Optimizee) -> list[Column]:
         """Its headline columns in ``summary.md`` (``summary.json``/``.csv`` get every tag)."""
 
-    def figure(self, optimizee: MLPOptimizee) -> FigureSpec | None:
+    def figure(self, optimizee: Optimizee) -> FigureSpec | None:
         """Its figure, or None."""

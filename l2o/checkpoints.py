@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2o.optimizees import MLPOptimizee, build_optimizee
+from l2o.optimizees import Optimizee, build_optimizee
 
 # The learned-optimizer classes a checkpoint may name. Imported lazily, only when named.
 LEARNED_OPTIMIZERS = ("l2o.lstm.LSTMOptimizer", "l2o.mlp_lopt.MLPLOpt")
@@ -118,7 +118,7 @@ def learned_optimizer_spec(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return LEGACY_CLASS, dict(meta["optimizer_config"])
 
 
-def load_learned_optimizer(path: str | Path) -> tuple[nn.Module, MLPOptimizee]:
+def load_learned_optimizer(path: str | Path) -> tuple[nn.Module, Optimizee]:
     """(the learned optimizer in eval mode, the optimizee family it was meta-trained on)."""
     ckpt = read_l2o_checkpoint(path)
     name, config = learned_optimizer_spec(ckpt)

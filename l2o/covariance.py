@@ -21,7 +21,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
-from l2o.optimizees import MLPOptimizee, Params, grads_of
+from l2o.optimizees import Optimizee, Params, grads_of
 from l2o.optimizers import Optimizer, State, replay
 
 # The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
@@ -31,7 +31,7 @@ GRAM_MAX_N = 512
 
 # --------------------------------------------------------------------------- per-sample grads
 def per_sample_grads(
-    optimizee: MLPOptimizee, params: Params, x: Tensor, y: Tensor, chunk_size: int | None = None
+    optimizee: Optimizee, params: Params, x: Tensor, y: Tensor, chunk_size: int | None = None
 ) -> Params:
     """Gradient of each sample's loss, each tensor shaped (N, P, *shape).
 
@@ -147,7 +147,7 @@ def flatten(tensors: Params) -> Tensor:
 
 
 def covariance_analysis(
-    optimizee: MLPOptimizee,
+    optimizee: Optimizee,
     opt: Optimizer,
     state: State,
     params: Params,

@@ -468,20 +468,6 @@ class MNISTDataModule(L.LightningDataModule):
             epoch_fn=self._epoch,
         )
 
-    def configure_meta_test(self, seed: int, steps: int) -> None:
-        """What ``test_dataloader`` yields: ``steps`` minibatches of meta-test run ``seed``."""
-        self.meta_test_seed, self.meta_test_steps = seed, steps
-
-    def test_dataloader(self) -> DataLoader:
-        from l2o.meta_testing import MinibatchStream
-
-        if getattr(self, "meta_test_steps", None) is None:
-            raise RuntimeError("call configure_meta_test(seed, steps) before Trainer.test")
-        stream = MinibatchStream(
-            self.train_x, self.train_y, self.meta_test_steps, self.batch_size, self.meta_test_seed
-        )
-        return DataLoader(stream, batch_size=None)
-
     def val_dataloader(self) -> DataLoader:
         # The same seeded runs every epoch and on every rank, so epochs are comparable.
         steps = math.ceil(self.val_steps / self.unroll)

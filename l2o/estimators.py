@@ -44,17 +44,16 @@ Use from a LightningModule (manual optimization), one truncation per ``training_
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from l2o.inner import inner_step
 from l2o.optimizers import Params, State
+from l2o.trees import tensor_leaves, tree_map
 from l2o.truncation import restart_members
 
 META_LOSSES = ("log", "sum")
@@ -84,40 +83,9 @@ class _Call(nn.Module):
 
 
 def _split(tree: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
-    """A pytree's tensor leaves, and how to rebuild it from new tensor leaves (other leaves,
+    """A tree's tensor leaves, and how to rebuild it from new tensor leaves (other leaves,
     e.g. the LSTM's ``shapes`` or a step count, are kept as they are)."""
-    leaves, spec = pytree.tree_flatten(tree)
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-
-    def rebuild(tensors: list[Tensor]) -> Any:
-        out = list(leaves)
-        for i, t in zip(where, tensors):
-            out[i] = t
-        return pytree.tree_unflatten(out, spec)
-
-    return [leaves[i] for i in where], rebuild
-
-
-@contextlib.contextmanager
-def _vmappable(module: nn.Module) -> Iterator[None]:
-    """Route the LSTM through plain ops while it runs under ``vmap``.
-
-    ``torch.lstm_cell`` has no vmap batching rule (torch 2.14: "Batching rule not implemented
-    for aten::lstm_cell"), and its compiled core is compiled for unbatched inputs; the LSTM's
-    spelled-out core is the same arithmetic (to 1e-8) in batchable ops. This swap is a stop-gap
-    until ``LSTMOptimizer.update`` picks that core itself under vmap (see the issue-11 report).
-    """
-    from l2o import lstm
-
-    if not isinstance(module, lstm.LSTMOptimizer):
-        yield
-        return
-    saved = lstm._lstm_eager, module.torch_compile
-    lstm._lstm_eager, module.torch_compile = lstm._lstm_spelled_out, False
-    try:
-        yield
-    finally:
-        lstm._lstm_eager, module.torch_compile = saved
+    return tensor_leaves(tree)
 
 
 def _vmapped(call: _Call, method: str, weights: dict[str, Tensor], *args: Any) -> Any:
@@ -183,16 +151,14 @@ class ParticleOptimizer:
 
     def init_state(self, params: Params) -> State:
         self._check(params)
-        with _vmappable(self.module):
-            state = _vmapped(self._call, "init_state", self._weights, _population_of_one(params))
-        return pytree.tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, state)
+        state = _vmapped(self._call, "init_state", self._weights, _population_of_one(params))
+        return tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, state)
 
     def update(
         self, grads: Params, state: State, params: Params | None = None
     ) -> tuple[Params, State]:
         self._check(grads)
-        with _vmappable(self.module):
-            return self._update_fn(self._call, self._weights, grads, state, params)
+        return self._update_fn(self._call, self._weights, grads, state, params)
 
     def _check(self, tensors: Params) -> None:
         if tensors[0].shape[0] != self.particles:

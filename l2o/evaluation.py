@@ -41,7 +41,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from l2o.analysis import AnalysisProtocol, FigureSpec
 from l2o.inner import inner_step
 from l2o.meta_testing import MetaTestSystem, init_optimizee
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 from l2o.optimizers import Optimizer
 from l2o.records import RecordLogger, read_record
 from l2o.report import CORE_FIGURE, MANIFEST, build_report, read_manifest, write_json
@@ -108,7 +108,7 @@ def check_analyses(analyses: list[AnalysisProtocol], data: MetaTestData) -> None
 
 # ----------------------------------------------------------------------------- tuning
 def plain_run(
-    opt: Optimizer, optimizee: MLPOptimizee, dm, seed: int, steps: int, device="cpu"
+    opt: Optimizer, optimizee: Optimizee, dm, seed: int, steps: int, device="cpu"
 ) -> list[float]:
     """Training losses of one run without Lightning (for tuning), same data as a test run;
     inf from the step where the loss stops being finite."""
@@ -126,7 +126,7 @@ def plain_run(
 
 
 def tune_lr(
-    spec: OptimizerSpec, optimizee: MLPOptimizee, dm, grid, steps: int, seeds: int
+    spec: OptimizerSpec, optimizee: Optimizee, dm, grid, steps: int, seeds: int
 ) -> tuple[float | None, dict[float, float]]:
     """The grid rate with the lowest summed training loss of the first ``steps`` steps,
     averaged over ``seeds`` tuning runs (seeds disjoint from the reported runs); a rate whose
@@ -204,7 +204,7 @@ def check_folder(out: Path, name: str, overwrite: bool) -> None:
 
 # ----------------------------------------------------------------------------- the runs
 def custom_scalars_layout(
-    optimizee: MLPOptimizee, analyses: list[AnalysisProtocol]
+    optimizee: Optimizee, analyses: list[AnalysisProtocol]
 ) -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: one category per analysis, each chart overlaying
     every optimizer's and seed's runs. Written into every run (TensorBoard merges them; no
@@ -239,7 +239,7 @@ def write_mean_run(folder: Path, label: str, run_dirs: list[Path], layout: dict)
                 writer.add_scalar(tag, float(np.mean(sums[s])), s)
 
 
-def _analysis_entry(a: AnalysisProtocol, optimizee: MLPOptimizee) -> dict[str, Any]:
+def _analysis_entry(a: AnalysisProtocol, optimizee: Optimizee) -> dict[str, Any]:
     fig = a.figure(optimizee)
     return {
         "name": a.name,
@@ -254,7 +254,7 @@ def _analysis_entry(a: AnalysisProtocol, optimizee: MLPOptimizee) -> dict[str, A
 
 def run_experiment(
     specs: list[OptimizerSpec],
-    optimizee: MLPOptimizee,
+    optimizee: Optimizee,
     dm,
     out: Path,
     name: str,

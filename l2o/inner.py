@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 from l2o.optimizers import Optimizer, Params, State, apply_updates
 
 
@@ -25,7 +25,7 @@ class InnerStep(NamedTuple):
 
 
 def inner_step(
-    optimizee: MLPOptimizee,
+    optimizee: Optimizee,
     opt: Optimizer,
     params: Params,
     state: State,

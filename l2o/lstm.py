@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from l2o.lstm_replay import replay_lstm
 from l2o.optimizers import Params, State, chunked_replay
+from l2o.trees import tree_map
 
 # Inductor's CPU tanh (Sleef) is the slowest op of the fused gate kernels. Its exp form
 # 2 / (1 + exp(-2x)) - 1 differs from torch.tanh by at most 2e-7 absolute (no overflow at
@@ -118,7 +119,13 @@ class LSTMOptimizer(nn.Module):
         if replaying:  # the same state for each replayed gradient
             h = h.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
             c = c.unsqueeze(1).expand(-1, k, n, -1).reshape(self.num_layers, k * n, -1)
-        if self.torch_compile and not replaying:
+        if torch._C._functorch.is_batchedtensor(flat):
+            # Under vmap (PES's particles, each with its own weights): torch.lstm_cell has no
+            # batching rule, and the compiled core is compiled for unbatched inputs.
+            out, new_h, new_c = lstm_forward(
+                lstm_cell, flat.reshape(-1), h, c, self.preprocess_p, *self._weights()
+            )
+        elif self.torch_compile and not replaying:
             if self._compiled is None:
                 self._compiled = torch.compile(
                     functools.partial(lstm_forward, lstm_cell),
@@ -209,10 +216,4 @@ def lstm_forward(cell, flat: Tensor, h: Tensor, c: Tensor, p: float, *weights: T
 
 def detach_state(state: Any) -> Any:
     """Detach every tensor of a (nested) optimizer state: the truncation of TBPTT."""
-    if isinstance(state, Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(v) for v in state)
-    return state
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)

@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from l2o.data import seeded_generator
 from l2o.inner import inner_step
-from l2o.optimizees import MLPOptimizee, Params
+from l2o.optimizees import Optimizee, Params
 from l2o.optimizers import Optimizer, State
 from l2o.seeds import TEST_INIT
 
@@ -46,7 +46,7 @@ class Snapshot:
     grads: Params  # the minibatch gradient the optimizer saw
     updates: Params  # its update (params + updates = the next params)
     x: Tensor  # (1, B, D): the minibatch's inputs
-    optimizee: MLPOptimizee
+    optimizee: Optimizee
     optimizer: Optimizer
 
 
@@ -76,7 +76,7 @@ def log_distribution(
             add_histogram(tag, values, step)
 
 
-def init_optimizee(optimizee: MLPOptimizee, seed: int, device=None) -> Params:
+def init_optimizee(optimizee: Optimizee, seed: int, device=None) -> Params:
     """The meta-test initialisation of run ``seed``: identical for every optimizer."""
     return optimizee.init(1, seeded_generator(TEST_INIT, seed), device=device)
 
@@ -107,7 +107,7 @@ class MetaTestSystem(L.LightningModule):
     def __init__(
         self,
         optimizer: Optimizer,
-        optimizee: MLPOptimizee,
+        optimizee: Optimizee,
         seed: int = 0,
         eval_every: int = 10,
         steps: int = 1000,
@@ -120,7 +120,7 @@ class MetaTestSystem(L.LightningModule):
         self.optimizee = optimizee
         self.seed, self.eval_every, self.steps = seed, eval_every, steps
         self.run_info = dict(run_info or {})
-        self.test_accuracy = MulticlassAccuracy(optimizee.sizes[-1], average="micro")
+        self.test_accuracy = MulticlassAccuracy(optimizee.num_classes, average="micro")
         self.params: Params | None = None
         self.opt_state: State | None = None
         self.diverged_at: int | None = None

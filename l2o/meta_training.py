@@ -25,10 +25,11 @@ from l2o.checkpoints import LEGACY_CLASS, build_learned_optimizer, qualified_nam
 from l2o.data import seeded_generator
 from l2o.inner import inner_step
 from l2o.lstm import LSTMOptimizer, detach_state
-from l2o.optimizees import MLPOptimizee, build_optimizee, spec_of
+from l2o.optimizees import ConvOptimizee, MLPOptimizee, build_optimizee, spec_of
 from l2o.optimizers import Params
 from l2o.seeds import VAL_INIT
 from l2o.symmetry import constraints_of, penalty
+from l2o.trees import tree_map
 
 # The meta-loss sums the losses seen *before* each update (the study's code): the loss at step t
 # depends on the updates 1..t-1 of the truncation, so a truncation needs >= 2 steps for any loss
@@ -63,7 +64,7 @@ class MetaTrainingSystem(L.LightningModule):
     def __init__(
         self,
         learned_optimizer: nn.Module | None = None,
-        optimizee: MLPOptimizee | None = None,
+        optimizee: MLPOptimizee | ConvOptimizee | None = None,
         unroll: int = 20,
         optimizee_steps: int = 200,
         population: int = 1,
@@ -365,7 +366,7 @@ class MetaTrainingSystem(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self._carry is not None:  # resumed: move the carried optimizees to our device
-            self._carry = torch.utils._pytree.tree_map(
+            self._carry = tree_map(
                 lambda t: t.to(self.device) if isinstance(t, Tensor) else t, self._carry
             )
         # Lightning restores the meta-optimizer's learning rate from a checkpoint; the command's
@@ -384,6 +385,4 @@ class MetaTrainingSystem(L.LightningModule):
 
 
 def _to_cpu(tree: Any) -> Any:
-    return torch.utils._pytree.tree_map(
-        lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, tree
-    )
+    return tree_map(lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, tree)

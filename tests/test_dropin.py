@@ -410,7 +410,6 @@ def _write_checkpoint(path, net: nn.Module, class_path: str) -> None:
     )
 
 
-@pytest.mark.xfail(strict=False, reason="needs the train branch's loader")
 @pytest.mark.parametrize("kind", KINDS)
 def test_from_checkpoint(tmp_path, kind):
     net = _lopt(kind, seed=11)

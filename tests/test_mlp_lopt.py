@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from l2o.covariance import per_sample_updates
 from l2o.inner import inner_step
 from l2o.mlp_lopt import MLPLOpt
 from l2o.optimizees import MLPOptimizee, grads_of
-from l2o.optimizers import Optimizer, apply_updates
+from l2o.optimizers import Optimizer, apply_updates, chunked_replay
 
 
 def _net(seed: int = 0, **kw) -> MLPLOpt:
@@ -142,7 +141,7 @@ def test_covariance_replay_path_matches_protocol():
     batch = tuple(torch.randn(5, *p.shape) * 0.1 for p in params)
     with torch.no_grad():
         whole, _ = net.update(batch, state, params)
-        chunked = per_sample_updates(net, batch, state, params, chunk_size=2)
+        chunked = chunked_replay(net, batch, state, params, chunk_size=2)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 

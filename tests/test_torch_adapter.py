@@ -13,9 +13,9 @@ import importlib.util
 import pytest
 import torch
 
-from l2o.covariance import covariance_analysis, per_sample_updates
+from l2o.covariance import covariance_analysis
 from l2o.optimizees import MLPOptimizee, grads_of
-from l2o.optimizers import SGD, Adam, apply_updates
+from l2o.optimizers import SGD, Adam, apply_updates, chunked_replay
 from l2o.torch_adapter import ELEMENTWISE, ByNdim, TorchOptimizer, make_torch_optimizer
 
 DTYPE = torch.float64
@@ -128,8 +128,8 @@ def test_torch_sgd_and_adam_match_the_project_baselines(case):
     last = traj_a[-1]
     gen = torch.Generator().manual_seed(1)
     batch = tuple(torch.randn(9, *p.shape, generator=gen, dtype=DTYPE) for p in last)
-    replay_a = per_sample_updates(adapter, batch, state_a, last, chunk_size=4)
-    replay_o = per_sample_updates(ours, batch, state_o, last, chunk_size=4)
+    replay_a = chunked_replay(adapter, batch, state_a, last, chunk_size=4)
+    replay_o = chunked_replay(ours, batch, state_o, last, chunk_size=4)
     _close([replay_a], [replay_o])
     # Not advanced: the next real step is still the same as the project's.
     g = _grads(loss_fn, last)
