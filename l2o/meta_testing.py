@@ -17,7 +17,7 @@ inf from that step on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -46,8 +46,12 @@ class Snapshot:
     grads: Params  # the minibatch gradient the optimizer saw
     updates: Params  # its update (params + updates = the next params)
     x: Tensor  # (1, B, D): the minibatch's inputs
+    y: Tensor  # (1, B): its labels (curvature, step length)
     optimizee: Optimizee
     optimizer: Optimizer
+    # Work that several analyses of this step share (e.g. per-sample gradients of the covariance
+    # analysis, reused by the gradient signal-to-noise one), keyed by what it depends on.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -157,6 +161,7 @@ class MetaTestSystem(L.LightningModule):
             inner.grads,
             inner.updates,
             x,
+            y,
             self.optimizee,
             self.optimizer,
         )
