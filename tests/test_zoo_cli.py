@@ -194,3 +194,43 @@ def test_bad_class_path_specs_are_refused_before_any_work(tmp_path, mnist_root):
         with pytest.raises(ValueError, match=re.escape(match)):
             run_zoo(tmp_path, mnist_root, f"[{spec}]")
     assert not (tmp_path / "zoo").exists()
+
+
+def test_several_checkpoints_are_labelled_by_their_learned_optimizer(tmp_path):
+    """The zoo's ``--checkpoints '[lstm, mlp]'``: each labelled by its learned optimizer (the
+    LSTM ``l2o``, the MLP ``mlp_lopt``), a second LSTM ``l2o_2``; one checkpoint stays ``l2o``;
+    every learned optimizer is the checkpoint's own (same weights)."""
+    from l2o.lstm import LSTMOptimizer
+    from l2o.mlp_lopt import MLPLOpt
+    from l2o.specs import parse_optimizers
+    from tests.test_dropin import _write_checkpoint
+
+    paths, nets = {}, {}
+    torch.manual_seed(0)  # two LSTMs with different weights
+    for name, net in (("lstm", LSTMOptimizer()), ("mlp", MLPLOpt()), ("lstm2", LSTMOptimizer())):
+        nets[name] = net
+        paths[name] = str(tmp_path / f"{name}.ckpt")
+        cls = type(net)
+        _write_checkpoint(paths[name], net, f"{cls.__module__}.{cls.__qualname__}")
+    specs = parse_optimizers(
+        [{"name": "adam", "lr": 0.01}],
+        [paths["lstm"], paths["mlp"], paths["lstm2"]],
+    )
+    assert [s.label for s in specs] == ["adam", "l2o", "mlp_lopt", "l2o_2"]
+    assert [type(s.optimizer).__name__ for s in specs[1:]] == [
+        "LSTMOptimizer",
+        "MLPLOpt",
+        "LSTMOptimizer",
+    ]
+    assert [s.info["checkpoint"] for s in specs[1:]] == [
+        paths["lstm"],
+        paths["mlp"],
+        paths["lstm2"],
+    ]
+    for spec, name in zip(specs[1:], ("lstm", "mlp", "lstm2")):
+        theirs = nets[name].state_dict()
+        for k, v in spec.optimizer.state_dict().items():
+            assert torch.equal(v, theirs[k]), (name, k)
+    assert [s.label for s in parse_optimizers([], [paths["mlp"]])] == ["l2o"]
+    with pytest.raises(ValueError, match="labelled 'l2o'"):  # a spec took the label already
+        parse_optimizers([{"name": "sgd", "lr": 0.1, "label": "l2o"}], [paths["lstm"]])
