@@ -38,7 +38,7 @@ from typing import Any
 from l2o.checkpoints import load_learned_optimizer
 from l2o.optimizees import Optimizee
 from l2o.optimizers import BASELINES, Optimizer, make_baseline
-from l2o.torch_adapter import make_torch_optimizer
+from l2o.torch_adapter import ByNdim, make_torch_optimizer
 
 LEARNED_NAMES = ("l2o", "learned")
 
@@ -227,7 +227,12 @@ def _parse_class_path(spec: dict[str, Any], grid: list[float]) -> OptimizerSpec:
     if other is not None:
         info["other"] = other
     out = TorchSpec(label, path, lr, lr is None, info, init_args, other)
-    return _validated(out, grid)
+    _validated(out, grid)
+    built = out.build(lr if lr is not None else grid[0])
+    if other is None and isinstance(built, ByNdim):  # record the default (Muon's AdamW)
+        rest = built.other
+        info["other"] = {"class_path": rest.class_path, "lr": rest.lr, **rest.options}
+    return out
 
 
 def _other(label: str, other: Any) -> dict[str, Any] | None:
