@@ -109,8 +109,11 @@ def command_line(
     Args:
         optimizers: e.g. ``[{name: adam, lr: tune}, {name: sgd, lr: 0.1, momentum: 0.9},
             {name: l2o, checkpoint: path, label: l2o_beta0}]``; ``lr: tune`` (the default)
-            picks the grid rate with the lowest summed training loss over ``tune_steps``.
-        checkpoints: learned-optimizer checkpoints, added as ``{name: l2o, checkpoint: ...}``.
+            picks the grid rate with the lowest summed training loss over ``tune_steps``. Any
+            torch.optim optimizer: ``{class_path: torch.optim.RAdam, init_args: {...}, lr:
+            tune}`` (l2o/specs.py; configs/eval_zoo.yaml has Muon, schedule-free, Prodigy).
+        checkpoints: learned-optimizer checkpoints, added as ``{name: l2o, checkpoint: ...}``
+            (several: labelled by their learned optimizer, e.g. ``l2o`` and ``mlp_lopt``).
         optimizee: the optimizee family (default: the first checkpoint's, else 784-20-10
             Leaky ReLU); a checkpoint meta-trained on another family still runs.
         data: the MNIST data module (``--data.init_args.root``, ``--data.init_args.batch_size``).

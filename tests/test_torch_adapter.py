@@ -9,7 +9,9 @@ reason when not installed.
 from __future__ import annotations
 
 import importlib.util
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -463,3 +465,120 @@ def test_the_adapters_lr_wins_over_the_states():
     u_fast = fast.update(grads, slow.init_state(params), params)[0]
     for a, b in zip(u_slow, u_fast):
         torch.testing.assert_close(3 * a, b)
+
+
+# --------------------------------------------------------------------------- every analysis
+class _ArrayLog:
+    """A logger that keeps the raw samples of the distributions (the update histograms')."""
+
+    def __init__(self) -> None:
+        self.arrays: dict = {}
+
+    def log_array(self, tag, values, step) -> None:
+        self.arrays[(tag, step)] = values
+
+
+def _analysis_values(opt, analyses, optimizee, params, data, steps):
+    """Every analysis's every value at every step of a float64 run of ``opt`` (what the
+    callbacks log), through their ``compute`` on the run's Snapshots."""
+    from types import SimpleNamespace
+
+    from l2o.meta_testing import Snapshot
+
+    train_x, train_y, batches = data
+    log = _ArrayLog()
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(train_x=train_x, train_y=train_y),
+        is_global_zero=True,
+        loggers=[log],
+    )
+    state = opt.init_state(params)
+    values = {}
+    for step in range(1, steps + 1):
+        x, y = batches[step - 1]
+        _, grads = grads_of(optimizee.loss, params, x, y)
+        updates, new_state = opt.update(grads, state, params)
+        snap = Snapshot(step, params, state, grads, updates, x, y, optimizee, opt)
+        for a in analyses:
+            with torch.no_grad():
+                for tag, v in a.compute(snap, trainer).items():
+                    values[(tag, step)] = v
+        params, state = apply_updates(params, updates), new_state
+    return values, log.arrays
+
+
+@pytest.mark.parametrize("which", ["sgd", "sgd_momentum", "adam"])
+def test_every_analysis_is_the_same_through_the_adapter(which):
+    """Ground truth for the zoo: torch.optim.SGD / Adam through the adapter give every value of
+    every analysis (symmetry breaking, tail index, update covariance with its per-sample
+    replays, update ratio, update histograms) that the project's own SGD / Adam give, to 1e-6,
+    at every step of a float64 run of the study's Leaky ReLU family (small, with blank input
+    pixels as MNIST has, so that zero gradients and exact zeros of update noise occur)."""
+    from callbacks import SymmetryBreaking, TailIndex, UpdateCovariance, UpdateHistograms
+    from callbacks.update_ratio import UpdateRatio
+
+    optimizee = MLPOptimizee(sizes=(10, 6, 4), activation="leaky_relu")
+    gen = torch.Generator().manual_seed(3)
+    params = optimizee.init(1, generator=gen, dtype=DTYPE)
+    train_x = torch.randn(96, 10, generator=gen, dtype=DTYPE)
+    train_x[:, :2] = 0.0  # blank pixels: their weights' gradients are exactly 0
+    train_y = torch.randint(0, 4, (96,), generator=gen)
+    steps, b = 4, 16
+    batches = [
+        (
+            train_x[None, (s * b) % 96 : (s * b) % 96 + b],
+            train_y[None, (s * b) % 96 : (s * b) % 96 + b],
+        )
+        for s in range(steps)
+    ]
+    ours, theirs = {
+        "sgd": (SGD(lr=0.1, momentum=0.0), make_torch_optimizer("torch.optim.SGD", 0.1)),
+        "sgd_momentum": (
+            SGD(lr=0.1, momentum=0.9),
+            make_torch_optimizer("torch.optim.SGD", 0.1, momentum=0.9),
+        ),
+        "adam": (Adam(lr=1e-2), make_torch_optimizer("torch.optim.Adam", 1e-2)),
+    }[which]
+
+    def analyses():
+        return [
+            SymmetryBreaking(every_n_steps=1),
+            TailIndex(every_n_steps=1, analysis_batches=6),
+            UpdateCovariance(every_n_steps=1, num_samples=48),
+            UpdateRatio(every_n_steps=1),
+            UpdateHistograms(every_n_steps=1),
+        ]
+
+    data = (train_x, train_y, batches)
+    o, o_arrays = _analysis_values(ours, analyses(), optimizee, params, data, steps)
+    a, a_arrays = _analysis_values(theirs, analyses(), optimizee, params, data, steps)
+    assert o.keys() == a.keys()
+    prefixes = {tag.split("/")[0] for tag, _ in o}
+    assert prefixes == {"symmetry", "tail_index", "covariance", "update_ratio", "update_hist"}
+    assert len(o) == steps * sum(len(x.scalar_tags(optimizee)) for x in analyses())
+    for key, v in o.items():
+        if math.isnan(v):
+            assert math.isnan(a[key]), key
+        else:
+            # abs: values that are 0 up to float64 rounding (SGD keeps the symmetries exactly)
+            assert a[key] == pytest.approx(v, rel=1e-6, abs=1e-12), key
+    assert o_arrays.keys() == a_arrays.keys()
+    for key in o_arrays:
+        np.testing.assert_allclose(a_arrays[key], o_arrays[key], rtol=1e-6, atol=1e-12)
+    # The comparison can fail: with lr 1e-4 relatively off, every replaying analysis moves
+    # by more than its tolerance (symmetry too, except where SGD keeps it exactly).
+    off = {
+        "sgd": make_torch_optimizer("torch.optim.SGD", 0.1 * (1 + 1e-4)),
+        "sgd_momentum": make_torch_optimizer("torch.optim.SGD", 0.1 * (1 + 1e-4), momentum=0.9),
+        "adam": make_torch_optimizer("torch.optim.Adam", 1e-2 * (1 + 1e-4)),
+    }[which]
+    w, _ = _analysis_values(off, analyses(), optimizee, params, data, steps)
+    moved = {
+        tag.split("/")[0]
+        for (tag, step), v in o.items()
+        if math.isfinite(v) and w[(tag, step)] != pytest.approx(v, rel=1e-6, abs=1e-12)
+    }
+    assert {"tail_index", "covariance", "update_ratio", "update_hist"} <= moved, moved
+    assert ("symmetry" in moved) == (which != "sgd")
+    finite = [v for v in o.values() if math.isfinite(v)]
+    assert len(finite) > 0.9 * len(o)
