@@ -1,0 +1,72 @@
+"""The curvature analysis (callbacks/curvature.py) against a dense Hessian of the step's
+minibatch loss, computed here in float64 with torch.autograd.functional.hessian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from callbacks.curvature import EDGE, LAMBDA_MAX, TRACE, TRACE_STDERR, Curvature
+from l2o.optimizers import SGD
+from tests.test_callbacks import BN, LEAKY, LR, Run, make_optimizer
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*IterableDataset.*has `__len__`.*"),
+]
+
+
+def dense_hessian(optimizee, snapshot) -> torch.Tensor:
+    """The (D, D) Hessian of the minibatch's mean loss at the snapshot's params, float64."""
+    shapes = [p.shape for p in snapshot.params]
+    sizes = [p.numel() for p in snapshot.params]
+    x, y = snapshot.x.double(), snapshot.y
+
+    def loss(flat):
+        ps = tuple(t.reshape(s) for t, s in zip(flat.split(sizes), shapes))
+        return optimizee.loss(ps, x, y).sum()
+
+    flat = torch.cat([p.double().reshape(-1) for p in snapshot.params])
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+@pytest.mark.parametrize("optimizee", [LEAKY, BN], ids=["leaky", "batchnorm"])
+@pytest.mark.parametrize("opt_name", ["sgd", "lstm"])
+def test_lambda_max_and_trace_match_the_dense_hessian(tmp_path, optimizee, opt_name):
+    run = Run(tmp_path, make_optimizer(opt_name), [Curvature(every_n_steps=2)], optimizee)
+    lam, tr, se = run.recorded(LAMBDA_MAX), run.recorded(TRACE), run.recorded(TRACE_STDERR)
+    assert sorted(lam) == [1, 2, 4]
+    for snap in run.keep.snapshots:
+        if snap.step not in lam:
+            continue
+        evals = torch.linalg.eigvalsh(dense_hessian(optimizee, snap))
+        # Lanczos in float32 against float64 eigvalsh: the float32 HVPs limit it to ~1e-6
+        assert lam[snap.step] == pytest.approx(float(evals[-1]), rel=2e-5), snap.step
+        exact = float(evals.sum())
+        assert abs(tr[snap.step] - exact) <= 4 * se[snap.step], (snap.step, tr, exact)
+        assert se[snap.step] > 0
+    edge = run.recorded(EDGE) if EDGE in run.record.scalars else {}
+    if opt_name == "sgd":
+        assert edge == {1: 2 / LR, 2: 2 / LR, 4: 2 / LR}
+    else:  # a learned optimizer has no learning rate: no edge-of-stability line
+        assert edge == {}
+
+
+def test_edge_of_stability_shares_the_lambda_max_chart():
+    cb = Curvature()
+    charts = cb.charts(LEAKY)
+    assert [LAMBDA_MAX, EDGE] in charts.values()
+    assert sorted(t for c in charts.values() for t in c) == sorted(cb.scalar_tags(LEAKY))
+    assert [c.tag for c in cb.summary_columns(LEAKY)] == [LAMBDA_MAX, TRACE]
+    no_trace = Curvature(num_probes=0)
+    assert no_trace.scalar_tags(LEAKY) == [LAMBDA_MAX, EDGE]
+    with pytest.raises(ValueError, match="num_probes"):
+        Curvature(num_probes=1)
+
+
+def test_step_one_is_the_initialisations_curvature_for_any_optimizer(tmp_path):
+    """Step 1 sees the seeded initialisation and the first minibatch, whatever the optimizer:
+    the same lambda_max (the analysis reads the params before the step, not after)."""
+    a = Run(tmp_path / "a", SGD(lr=1e-6), [Curvature(every_n_steps=1, num_probes=0)], steps=1)
+    b = Run(tmp_path / "b", make_optimizer("lstm"), [Curvature(1, num_probes=0)], steps=1)
+    assert a.recorded(LAMBDA_MAX)[1] == pytest.approx(b.recorded(LAMBDA_MAX)[1], rel=1e-5)
