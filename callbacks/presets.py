@@ -11,8 +11,8 @@ per-sample gradients) is done once. What each costs, as a multiple of a plain me
   breaking, the update-to-weight ratio, the |update| histogram, the step length and the
   gradient signal-to-noise (per-sample gradients of the step's minibatch only).
 * ``full``: everything, adding the Hessian's curvature, the tail index of minibatch noise and
-  the covariance of per-sample updates, the costly ones (tens of HVPs, every minibatch of the
-  training split, 1,024 per-sample updates).
+  the covariance of per-sample updates, the costly ones (tens of HVPs, replays of many
+  minibatches or samples), at reduced sample sizes (see ``FULL``).
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ ECONOMY = [
     _entry("callbacks.step_length.StepLength"),
     _entry("callbacks.gsnr.GradientNoise"),
 ]
+# The costly analyses at sample sizes that fit the budget (bench/analysis_overhead.py):
+# covariance over the step's batch size of training samples instead of 1,024, the tail index
+# over 8 minibatches (8 x 15,910 noise values pooled) instead of the whole split, the trace
+# from 8 probes. configs/analyses.yaml keeps the study's sizes.
 FULL = [
     *ECONOMY,
-    _entry("callbacks.curvature.Curvature"),
-    _entry("callbacks.TailIndex"),
-    _entry("callbacks.UpdateCovariance", num_samples=1024),
+    _entry("callbacks.curvature.Curvature", num_probes=8),
+    _entry("callbacks.TailIndex", analysis_batches=8),
+    _entry("callbacks.UpdateCovariance", num_samples=128),
 ]
 PRESETS: dict[str, list[dict[str, Any]]] = {"none": [], "economy": ECONOMY, "full": FULL}
 

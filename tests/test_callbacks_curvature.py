@@ -3,10 +3,15 @@ minibatch loss, computed here in float64 with torch.autograd.functional.hessian.
 
 from __future__ import annotations
 
+import math
+
+import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from callbacks.curvature import EDGE, LAMBDA_MAX, TRACE, TRACE_STDERR, Curvature
+from l2o.meta_testing import MetaTestSystem
 from l2o.optimizers import SGD
 from tests.test_callbacks import BN, LEAKY, LR, Run, make_optimizer
 
@@ -70,3 +75,47 @@ def test_step_one_is_the_initialisations_curvature_for_any_optimizer(tmp_path):
     a = Run(tmp_path / "a", SGD(lr=1e-6), [Curvature(every_n_steps=1, num_probes=0)], steps=1)
     b = Run(tmp_path / "b", make_optimizer("lstm"), [Curvature(1, num_probes=0)], steps=1)
     assert a.recorded(LAMBDA_MAX)[1] == pytest.approx(b.recorded(LAMBDA_MAX)[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_new_analyses_on_a_batchnorm_cnn(tmp_path):
+    """A conv optimizee with BatchNorm2d (8x8 images, 207 parameters): lambda_max against the
+    dense Hessian, the step length against the fit from scratch, the norm test against a loop
+    of per-sample gradients."""
+    from callbacks.gsnr import GradientNoise
+    from callbacks.step_length import VALUE, StepLength
+    from l2o.optimizees import ConvOptimizee
+    from l2o.records import RecordLogger, read_record
+    from l2o.streams import MetaTestData
+    from tests.test_callbacks import Keep
+    from tests.test_callbacks_gsnr import loop_grads
+    from tests.test_callbacks_step_length import reference
+
+    cnn = ConvOptimizee(channels=(2, 3), image=(1, 8, 8), activation="relu", batchnorm=True)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g)
+    data = MetaTestData(x[:64], y[:64], x[64:], y[64:], 16, 2, seed=0)
+    keep = Keep()
+    cbs = [Curvature(1, num_probes=0), StepLength(1), GradientNoise(1)]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=RecordLogger(tmp_path / "record"),
+        callbacks=[*cbs, keep],
+        inference_mode=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.test(MetaTestSystem(SGD(lr=0.05), cnn, steps=2), datamodule=data, verbose=False)
+    rec = {
+        t: dict(zip(s.tolist(), v.tolist()))
+        for t, (s, v) in read_record(tmp_path / "record").scalars.items()
+    }
+    for snap in keep.snapshots:
+        evals = torch.linalg.eigvalsh(dense_hessian(cnn, snap))
+        assert rec[LAMBDA_MAX][snap.step] == pytest.approx(float(evals[-1]), rel=2e-5)
+        want, _ = reference(cnn, snap)
+        assert rec[VALUE][snap.step] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        gs = loop_grads(cnn, snap)
+        theta = math.sqrt(gs.var(0, ddof=1).sum() / len(gs)) / np.linalg.norm(gs.mean(0))
+        assert rec["gsnr/norm_test"][snap.step] == pytest.approx(theta, rel=1e-4)
