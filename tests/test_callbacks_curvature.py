@@ -119,3 +119,25 @@ def test_the_new_analyses_on_a_batchnorm_cnn(tmp_path):
         gs = loop_grads(cnn, snap)
         theta = math.sqrt(gs.var(0, ddof=1).sum() / len(gs)) / np.linalg.norm(gs.mean(0))
         assert rec["gsnr/norm_test"][snap.step] == pytest.approx(theta, rel=1e-4)
+
+
+def test_the_new_analyses_read_the_same_through_the_torch_adapter(tmp_path):
+    """torch.optim.SGD through l2o.torch_adapter makes the project's SGD updates: every value of
+    the three new analyses agrees to 1e-6, and the adapter's lr gives the edge of stability."""
+    from callbacks.gsnr import GradientNoise
+    from callbacks.step_length import StepLength
+    from l2o.torch_adapter import make_torch_optimizer
+
+    def analyses():
+        return [Curvature(1), StepLength(1), GradientNoise(1)]
+
+    ours = Run(tmp_path / "a", SGD(lr=LR, momentum=0.0), analyses(), steps=3)
+    torch_sgd = make_torch_optimizer("torch.optim.SGD", lr=LR)
+    theirs = Run(tmp_path / "b", torch_sgd, analyses(), steps=3)
+    tags = [t for cb in analyses() for t in cb.scalar_tags(LEAKY)]
+    for tag in tags:
+        a, b = ours.recorded(tag), theirs.recorded(tag)
+        assert sorted(a) == sorted(b) == [1, 2, 3], tag
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-9), (tag, step)
+    assert theirs.recorded(EDGE) == {1: 2 / LR, 2: 2 / LR, 3: 2 / LR}
