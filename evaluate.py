@@ -19,12 +19,13 @@ import copy
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from callbacks.presets import preset as analysis_preset
 from l2o.data import MNISTDataModule
 from l2o.evaluation import LR_GRID, run_experiment
 from l2o.optimizees import ConvOptimizee, MLPOptimizee
@@ -81,6 +82,7 @@ def command_line(
     optimizee: MLPOptimizee | ConvOptimizee | None = None,
     data: MNISTDataModule | None = None,
     analyses: list[L.Callback] | None = None,
+    preset: Literal["none", "economy", "full"] | None = None,
     every: dict[str, int] | None = None,
     steps: int = 1000,
     seeds: int = 3,
@@ -119,6 +121,9 @@ def command_line(
         data: the MNIST data module (``--data.init_args.root``, ``--data.init_args.batch_size``).
         analyses: analysis callbacks (``class_path``/``init_args``); default: the list in
             configs/analyses.yaml. ``[]`` runs none.
+        preset: replaces ``analyses`` by a preset of ``callbacks.presets`` (``none``,
+            ``economy``: the cheap ones, ``full``: all; each every 16 steps); ``--every`` and
+            the shorthands still apply on top.
         every: ``{analysis name: every_n_steps}`` overrides, 0 leaves one out, e.g.
             ``{covariance: 0, tail_index: 5}``.
         steps: optimizee steps per run.
@@ -204,6 +209,8 @@ def cli_main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, validate, run; returns the summary."""
     parser = build_parser()
     cfg = parser.parse_args(args)
+    if cfg.preset is not None:
+        cfg = parser.parse_object({"analyses": analysis_preset(cfg.preset)}, cfg_base=cfg)
     cfg.analyses = select_analyses(cfg)
     init = parser.instantiate_classes(cfg)
     grid = list(LR_GRID) if cfg.tune_grid is None else list(cfg.tune_grid)

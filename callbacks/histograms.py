@@ -31,13 +31,20 @@ class UpdateHistograms(Analysis):
         max_samples: most coordinates sampled per step for the figures (the TensorBoard
             histogram always uses all).
         seed: seed of the subsampling.
+        schedule: ``linear`` or ``log`` (``callbacks.base.schedule_steps``).
     """
 
     name = "update_hist"
     title = "Update magnitudes"
 
-    def __init__(self, every_n_steps: int = 50, max_samples: int = 20_000, seed: int = 0) -> None:
-        super().__init__(every_n_steps)
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        max_samples: int = 20_000,
+        seed: int = 0,
+        schedule: str = "linear",
+    ) -> None:
+        super().__init__(every_n_steps, schedule)
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         self.max_samples, self.seed = int(max_samples), int(seed)

@@ -40,13 +40,14 @@ class SymmetryBreaking(Analysis):
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1). Cheap: a
             few inner products per neuron.
+        schedule: ``linear`` or ``log`` (``callbacks.base.schedule_steps``).
     """
 
     name = "symmetry"
     title = "Symmetry breaking"
 
-    def __init__(self, every_n_steps: int = 1) -> None:
-        super().__init__(every_n_steps)
+    def __init__(self, every_n_steps: int = 1, schedule: str = "linear") -> None:
+        super().__init__(every_n_steps, schedule)
 
     def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [

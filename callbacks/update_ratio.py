@@ -35,13 +35,14 @@ class UpdateRatio(Analysis):
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1). Cheap: one
             norm per tensor.
+        schedule: ``linear`` or ``log`` (``callbacks.base.schedule_steps``).
     """
 
     name = "update_ratio"
     title = "Update-to-weight norm ratio"
 
-    def __init__(self, every_n_steps: int = 10) -> None:
-        super().__init__(every_n_steps)
+    def __init__(self, every_n_steps: int = 10, schedule: str = "linear") -> None:
+        super().__init__(every_n_steps, schedule)
 
     def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [f"update_ratio/{n}" for n in tensor_names(optimizee)]
