@@ -11,35 +11,32 @@ from torch import Tensor
 
 from callbacks.base import Analysis, flatten_params
 from l2o.analysis import Column, FigureSpec, Panel
+from l2o.covariance import minibatch_grads
 from l2o.meta_testing import Snapshot
-from l2o.optimizees import Optimizee, Params
+from l2o.optimizees import Optimizee
 from l2o.optimizers import replay
-from l2o.tail_index import STATISTICS, noise_alphas
+from l2o.tail_index import STATISTICS, layer_alphas, noise_alphas
+
+__all__ = ["CENTERS", "TailIndex", "minibatch_grads", "tensor_names"]
 
 
-def minibatch_grads(
-    optimizee: Optimizee,
-    params: Params,
-    xb: Tensor,
-    yb: Tensor,
-    chunk_size: int | None = None,
-) -> Params:
-    """Gradient of each minibatch's mean loss: ``xb (n, B, D), yb (n, B)`` -> tuple of ``(n, *p)``.
+CENTERS = ("full_batch_update", "mean_update")
+LAYER_STATISTICS = ("pooled", "robust", "standardized")  # per parameter tensor
+KINDS = ("grad", "update")
 
-    ``params`` are the meta-test optimizee's ``(1, ...)`` tensors. One vectorized call
-    (``torch.func.vmap`` of ``torch.func.grad`` over minibatches); with BatchNorm each minibatch
-    normalises with its own batch statistics, exactly as in the training step.
-    """
-    params = tuple(p.detach() for p in params)
 
-    def loss_of(ps: Params, x: Tensor, y: Tensor) -> Tensor:
-        return optimizee.loss(ps, x.unsqueeze(0), y.unsqueeze(0)).sum()
-
-    with torch.enable_grad():
-        grad_fn = torch.func.vmap(
-            torch.func.grad(loss_of), in_dims=(None, 0, 0), chunk_size=chunk_size
-        )
-        return tuple(g.detach() for g in grad_fn(params, xb, yb))
+def tensor_names(optimizee: Optimizee) -> list[str]:
+    """``layer<k>.<role>`` per parameter tensor, e.g. ``layer0.weight``, ``layer1.bias``: k
+    counts the layers (each starts with a weight), role is the family's (``weight``, ``bias``,
+    ``gamma``, ``beta``)."""
+    roles = getattr(optimizee, "roles", None)
+    if roles is None:  # a family without roles: its tensors by position
+        return [f"tensor{i}" for i in range(len(optimizee.shapes))]
+    names, layer = [], -1
+    for role, _, _ in roles:
+        layer += role == "weight"
+        names.append(f"layer{max(layer, 0)}.{role}")
+    return names
 
 
 class TailIndex(Analysis):
@@ -52,8 +49,12 @@ class TailIndex(Analysis):
     * gradient noise: each minibatch's gradient minus the full-batch gradient;
     * update noise: the optimizer's update for each minibatch gradient (replayed through the
       protocol with the step's state and params, which advances nothing:
-      ``l2o.optimizers.replay``, the optimizer's own fast ``replay`` where it has one) minus its
-      update for the full-batch gradient.
+      ``l2o.optimizers.replay``, the optimizer's own fast ``replay`` where it has one) minus
+      its update for the full-batch gradient (``noise_center="full_batch_update"``, the
+      default) or minus the mean of the minibatch updates (``"mean_update"``, the seed code's
+      centring). The two differ for nonlinear optimizers; only ``pooled`` and ``robust`` can
+      tell: ``standardized`` works on differences of rows, where any per-coordinate centre
+      cancels.
 
     The full-batch gradient is the **mean of the minibatch gradients**. The minibatches partition
     the analysis set with equal sizes, so without BatchNorm this is exactly the gradient of the
@@ -65,7 +66,13 @@ class TailIndex(Analysis):
 
         tail_index/<grad|update>/pooled          all coordinates (as in the seed code)
         tail_index/<grad|update>/robust          nonzero coordinates only
+        tail_index/<grad|update>/standardized    each coordinate against itself (mixed scales)
         tail_index/<grad|update>/zero_fraction   fraction of exactly-zero noise coordinates
+        tail_index/<grad|update>/atom_fraction   coordinates standardized drops (atoms)
+        tail_index/<grad|update>/<pooled|robust|standardized>/<tensor>   per parameter tensor
+
+    with ``<tensor>`` from ``tensor_names`` (``layer0.weight``, ...; ``l2o.tail_index.
+    layer_alphas``; a tensor's estimate that cannot be made is NaN).
 
     An estimate that cannot be made (fewer than 4 nonzero noise coordinates, e.g. a sign-based
     update that is identical on every minibatch) is logged as NaN with a warning.
@@ -77,6 +84,9 @@ class TailIndex(Analysis):
         chunk_size: minibatches per vectorized gradient call and per optimizer call of the
             replay (``None``: all gradients in one call, and ``l2o.covariance``'s memory-bounded
             default chunk for the replay).
+        noise_center: ``full_batch_update`` or ``mean_update`` (see above); the summary
+            columns name it.
+        per_layer: also log the per-tensor alphas (about doubles the estimation cost).
     """
 
     name = "tail_index"
@@ -88,17 +98,33 @@ class TailIndex(Analysis):
         every_n_steps: int = 10,
         analysis_batches: int | None = None,
         chunk_size: int | None = None,
+        noise_center: str = "full_batch_update",
+        per_layer: bool = True,
     ) -> None:
         super().__init__(every_n_steps)
+        if noise_center not in CENTERS:
+            raise ValueError(f"noise_center must be one of {CENTERS}, got {noise_center!r}")
         if analysis_batches is not None and analysis_batches < 2:
             raise ValueError(f"analysis_batches must be >= 2 (or None), got {analysis_batches}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (or None), got {chunk_size}")
         self.analysis_batches, self.chunk_size = analysis_batches, chunk_size
+        self.noise_center, self.per_layer = noise_center, bool(per_layer)
         self._cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
+    def layer_tags(self, optimizee: Optimizee) -> list[str]:
+        if not self.per_layer:
+            return []
+        return [
+            f"tail_index/{k}/{s}/{name}"
+            for k in KINDS
+            for s in LAYER_STATISTICS
+            for name in tensor_names(optimizee)
+        ]
+
     def scalar_tags(self, optimizee: Optimizee) -> list[str]:
-        return [f"tail_index/{k}/{s}" for k in ("grad", "update") for s in STATISTICS]
+        whole = [f"tail_index/{k}/{s}" for k in KINDS for s in STATISTICS]
+        return whole + self.layer_tags(optimizee)
 
     def check(self, data) -> None:
         super().check(data)
@@ -116,34 +142,59 @@ class TailIndex(Analysis):
 
     def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         # Both on one chart: the gradient's alpha is the reference the update's is read against.
-        return {s: [f"tail_index/update/{s}", f"tail_index/grad/{s}"] for s in STATISTICS}
+        charts = {s: [f"tail_index/update/{s}", f"tail_index/grad/{s}"] for s in STATISTICS}
+        if self.per_layer:
+            for s in LAYER_STATISTICS:
+                for name in tensor_names(optimizee):
+                    charts[f"{s}/{name}"] = [f"tail_index/{k}/{s}/{name}" for k in KINDS[::-1]]
+        return charts
 
     def summary_columns(self, optimizee: Optimizee) -> list[Column]:
+        # The update's header names its centre: pooled and robust depend on it.
+        def header(k: str, s: str) -> str:
+            return f"α {k}/{s}" + (f" ({self.noise_center})" if k == "update" else "")
+
         return [
-            Column(f"tail_index/{k}/{s}", f"α {k}/{s}")
-            for s in ("pooled", "robust")
-            for k in ("grad", "update")
+            Column(f"tail_index/{k}/{s}", header(k, s))
+            for s in ("pooled", "robust", "standardized")
+            for k in KINDS
         ]
 
     def figure(self, optimizee: Optimizee) -> FigureSpec:
         # alpha-stable tails have 0 < alpha <= 2; the estimator leaves that range (even < 0) on
         # noise that is not alpha-stable-like, e.g. Lion's few discrete update values.
         what = {"update": "update noise", "grad": "gradient noise"}
-        how = {"robust": "nonzero coordinates", "pooled": "all coordinates"}
-        return FigureSpec(
-            "tail_index",
-            self.title,
-            tuple(
+        how = {
+            "standardized": "each coordinate against itself",
+            "robust": "nonzero coordinates",
+            "pooled": "all coordinates",
+        }
+        ylabel = "α (2: Gaussian; smaller: heavier tails)"
+        panels = [
+            Panel(
+                f"tail_index/{k}/{s}",
+                f"Tail index of the {what[k]} ({how[s]})",
+                ylabel,
+                ylim=(0.0, 2.5),
+            )
+            for k in ("update", "grad")
+            for s in ("standardized", "robust", "pooled")
+        ]
+        # One panel per parameter tensor (and noise), the standardized estimate: the only one
+        # right when a tensor's coordinates have different scales.
+        if self.per_layer:
+            panels += [
                 Panel(
-                    f"tail_index/{k}/{s}",
-                    f"Tail index of the {what[k]} ({how[s]})",
-                    "α (2: Gaussian; smaller: heavier tails)",
+                    f"tail_index/{k}/standardized/{name}",
+                    f"Tail index of the {what[k]}, {name} (standardized)",
+                    ylabel,
                     ylim=(0.0, 2.5),
                 )
+                for name in tensor_names(optimizee)
                 for k in ("update", "grad")
-                for s in ("robust", "pooled")
-            ),
-        )
+            ]
+        title = f"{self.title} (update noise centred on the {self.noise_center.replace('_', ' ')})"
+        return FigureSpec("tail_index", title, tuple(panels))
 
     def analysis_set(
         self, trainer: L.Trainer, batch_size: int, device: torch.device
@@ -180,10 +231,13 @@ class TailIndex(Analysis):
         # those fake nonzeros would drag the robust estimate down.
         both = tuple(torch.cat([g, f.unsqueeze(0)]) for g, f in zip(grads, full))
         updates = flatten_params(replay(opt, both, state, params, self.chunk_size), 1)
+        center = updates[-1] if self.noise_center == "full_batch_update" else updates[:-1].mean(0)
         noise = {
             "grad": flatten_params(grads, 1) - flatten_params(full),
-            "update": updates[:-1] - updates[-1],
+            "update": updates[:-1] - center,
         }
+        names = tensor_names(snapshot.optimizee)
+        sizes = [p[0].numel() for p in params]
         out: dict[str, float] = {}
         for kind, rows in noise.items():
             try:
@@ -197,4 +251,12 @@ class TailIndex(Analysis):
                 alphas["zero_fraction"] = float((rows == 0).double().mean())
             for stat in STATISTICS:
                 out[f"tail_index/{kind}/{stat}"] = float(alphas[stat])
+            if self.per_layer:
+                try:
+                    layers = layer_alphas(rows, sizes)
+                except ValueError:  # non-finite noise (warned above): no estimate anywhere
+                    layers = [dict.fromkeys(LAYER_STATISTICS, math.nan) for _ in names]
+                for name, layer in zip(names, layers, strict=True):
+                    for stat in LAYER_STATISTICS:
+                        out[f"tail_index/{kind}/{stat}/{name}"] = float(layer[stat])
         return out

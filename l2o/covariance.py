@@ -10,6 +10,12 @@ which is not advanced), it compares
 through their top eigenvalue and trace. The update covariance is centred on the update of the
 full-batch gradient, not on the mean of the u_i: the optimizer is nonlinear, so the two differ.
 
+``mode="minibatch"`` is the study's definition instead: the samples are cut into disjoint
+minibatches of B, and g_i, u_i are the gradient of each minibatch's mean loss and its update
+(g: their mean). Without BatchNorm the minibatch gradient covariance is the per-sample one of
+the same samples divided by B (up to the sample-to-sample spread); nonlinear optimizers do not
+scale that way, which is why both are available.
+
 D (15,910 for the 784-20-10 MLP) is too large for a D x D matrix, so the spectrum comes from the
 N x N Gram matrix (small N) or from matrix-free Lanczos (large N); neither forms K.
 """
@@ -70,6 +76,31 @@ def per_sample_grads(
         torch.func.grad(sample_loss), in_dims=(None, 1, 1), chunk_size=chunk_size
     )
     return tuple(per_sample(params, x, y))
+
+
+def minibatch_grads(
+    optimizee: Optimizee,
+    params: Params,
+    xb: Tensor,
+    yb: Tensor,
+    chunk_size: int | None = None,
+) -> Params:
+    """Gradient of each minibatch's mean loss: ``xb (n, B, D), yb (n, B)`` -> tuple of ``(n, *p)``.
+
+    ``params`` are the meta-test optimizee's ``(1, ...)`` tensors. One vectorized call
+    (``torch.func.vmap`` of ``torch.func.grad`` over minibatches); with BatchNorm each minibatch
+    normalises with its own batch statistics, exactly as in the training step.
+    """
+    params = tuple(p.detach() for p in params)
+
+    def loss_of(ps: Params, x: Tensor, y: Tensor) -> Tensor:
+        return optimizee.loss(ps, x.unsqueeze(0), y.unsqueeze(0)).sum()
+
+    with torch.enable_grad():
+        grad_fn = torch.func.vmap(
+            torch.func.grad(loss_of), in_dims=(None, 0, 0), chunk_size=chunk_size
+        )
+        return tuple(g.detach() for g in grad_fn(params, xb, yb))
 
 
 # --------------------------------------------------------------------------- spectrum
@@ -146,6 +177,9 @@ def flatten(tensors: Params) -> Tensor:
     return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
 
 
+MODES = ("per_sample", "minibatch")
+
+
 def covariance_analysis(
     optimizee: Optimizee,
     opt: Optimizer,
@@ -155,27 +189,42 @@ def covariance_analysis(
     y: Tensor,
     chunk_size: int | None = None,
     method: str = "auto",
+    mode: str = "per_sample",
+    batch_size: int | None = None,
 ) -> dict:
-    """Covariance spectra of per-sample updates and per-sample gradients at one step.
+    """Covariance spectra of per-sample (or minibatch) updates and gradients at one step.
 
     Args:
         params: one optimizee (P = 1).
-        x, y: the batch, (N, in) and (N,) (or with the leading P = 1).
-        chunk_size: samples per vectorized call for the gradients' Jacobian (BatchNorm) and the
+        x, y: the samples, (N, in) and (N,) (or with the leading P = 1).
+        chunk_size: samples (minibatches) per vectorized call for the gradients and the
             optimizer replay; None picks a memory-bounded default.
         method: see :func:`update_covariance`.
+        mode: ``per_sample`` (one gradient per sample) or ``minibatch`` (the study's: the first
+            ``N // batch_size * batch_size`` samples cut, in order, into disjoint minibatches of
+            ``batch_size``, one gradient per minibatch's mean loss; at least 2 minibatches).
+        batch_size: B of ``minibatch`` mode (required there, ignored otherwise).
 
-    The state is only read. Per-sample updates are centred on the update of the full-batch
-    gradient under the same state; per-sample gradients on the full-batch gradient.
+    The state is only read. Updates are centred on the update of the full-batch gradient under
+    the same state, gradients on the full-batch gradient. In ``minibatch`` mode the full-batch
+    gradient is the mean of the minibatch gradients (with BatchNorm: of minibatches normalised
+    with their own statistics, as in training), and its update rides along in the same replay.
     Returns ``update_top_eig``, ``update_trace``, ``grad_top_eig``, ``grad_trace``,
-    ``num_samples``, ``dim`` and the ``method`` used.
+    ``num_samples`` (covariance samples: N, or the number of minibatches), ``dim``, ``method``
+    and ``mode``.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if params[0].shape[0] != 1:
         raise ValueError(
             f"covariance_analysis takes one optimizee (P = 1), got {params[0].shape[0]}"
         )
     x = x.reshape(1, *x.shape[-2:])
     y = y.reshape(1, -1)
+    if mode == "minibatch":
+        return _minibatch_covariance(
+            optimizee, opt, state, params, x[0], y[0], chunk_size, method, batch_size
+        )
     n = x.shape[1]
     if optimizee.batchnorm and chunk_size is None:
         chunk_size = max(1, 2**16 // n)  # jacrev's vmapped backward holds ~chunk x batch temps
@@ -191,12 +240,43 @@ def covariance_analysis(
         grad_cov = update_covariance(g_flat, flatten(full_grad)[0], method)
         del g_flat
         upd_cov = update_covariance(u_flat, flatten(full_update)[0], method)
+    return _result(upd_cov, grad_cov, mode)
+
+
+def _minibatch_covariance(optimizee, opt, state, params, x, y, chunk_size, method, batch_size):
+    if batch_size is None or batch_size < 1:
+        raise ValueError(f"mode='minibatch' needs batch_size >= 1, got {batch_size}")
+    n = x.shape[0] // batch_size
+    if n < 2:
+        raise ValueError(
+            f"mode='minibatch': {x.shape[0]} samples make {n} minibatch(es) of {batch_size}; "
+            "a covariance needs at least 2"
+        )
+    xb = x[: n * batch_size].reshape(n, batch_size, -1)
+    yb = y[: n * batch_size].reshape(n, batch_size)
+    with torch.no_grad():
+        g = minibatch_grads(optimizee, params, xb, yb, chunk_size)
+        full = tuple(t.mean(dim=0) for t in g)
+        # The full-batch gradient's update is the last row of one replay: every update takes
+        # the same arithmetic path (see callbacks.tail_index.TailIndex.compute).
+        both = tuple(torch.cat([t, f.unsqueeze(0)]) for t, f in zip(g, full))
+        u_flat = flatten(replay(opt, both, state, params, chunk_size=chunk_size))
+        g_flat = flatten(g)
+        del g
+        grad_cov = update_covariance(g_flat, flatten(full)[0], method)
+        del g_flat
+        upd_cov = update_covariance(u_flat[:-1], u_flat[-1], method)
+    return _result(upd_cov, grad_cov, "minibatch")
+
+
+def _result(upd_cov: dict, grad_cov: dict, mode: str) -> dict:
     return {
         "update_top_eig": upd_cov["top_eig"],
         "update_trace": upd_cov["trace"],
         "grad_top_eig": grad_cov["top_eig"],
         "grad_trace": grad_cov["trace"],
-        "num_samples": n,
+        "num_samples": upd_cov["num_samples"],
         "dim": upd_cov["dim"],
         "method": upd_cov["method"],
+        "mode": mode,
     }

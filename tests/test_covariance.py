@@ -183,3 +183,106 @@ def test_covariance_analysis_with_lstm_and_batchnorm_runs():
     assert 0 < got["grad_top_eig"] <= got["grad_trace"]
     with pytest.raises(ValueError, match="P = 1"):
         covariance_analysis(opt, lstm, lstm.init_state(params), opt.init(2), x, y)
+
+
+# --------------------------------------------------------------------------- minibatch mode
+def _dense_minibatch(opt_fn, optimizee, params, x, y, b):
+    """Reference for mode="minibatch": one autograd call and one opt.update per minibatch,
+    D x D matrices; returns (grad K, update K) centred on the mean gradient / its update."""
+    n = x.shape[0] // b
+    grads = [
+        grads_of(
+            optimizee.loss, params, x[None, i * b : (i + 1) * b], y[None, i * b : (i + 1) * b]
+        )[1]
+        for i in range(n)
+    ]
+    g = torch.stack([flatten(gr)[0] for gr in grads])
+    mean = tuple(torch.stack(parts).mean(0) for parts in zip(*grads))
+    u = torch.stack([flatten(opt_fn(gr))[0] for gr in grads])
+    center = flatten(opt_fn(mean))[0]
+    a, c = g - g.mean(0), u - center
+    return a.t() @ a / n, c.t() @ c / n
+
+
+def _top_trace(k):
+    return float(torch.linalg.eigvalsh(k)[-1]), float(torch.trace(k))
+
+
+@pytest.mark.parametrize("method", ["gram", "lanczos"])
+def test_minibatch_mode_sgd_is_lr_squared_times_dense_minibatch_gradient_covariance(method):
+    opt = MLPOptimizee((6, 5, 3))  # D = 53
+    params = opt.init(1, torch.Generator().manual_seed(9), dtype=torch.float64)
+    x, y = _data(100, 6)  # 12 minibatches of 8, 4 samples left over
+    sgd = SGD(lr=0.05, momentum=0.0)
+    got = covariance_analysis(
+        opt,
+        sgd,
+        sgd.init_state(params),
+        params,
+        x,
+        y,
+        method=method,
+        mode="minibatch",
+        batch_size=8,
+    )
+    k_grad, _ = _dense_minibatch(lambda g: g, opt, params, x, y, 8)
+    top, trace = _top_trace(k_grad)
+    assert got["mode"] == "minibatch" and got["num_samples"] == 12 and got["dim"] == 53
+    assert got["grad_top_eig"] == pytest.approx(top, rel=1e-6)
+    assert got["grad_trace"] == pytest.approx(trace, rel=1e-6)
+    assert got["update_top_eig"] == pytest.approx(0.05**2 * top, rel=1e-6)
+    assert got["update_trace"] == pytest.approx(0.05**2 * trace, rel=1e-6)
+    # averaging B samples shrinks the gradient covariance, roughly by B (not exactly: the
+    # per-sample covariance is of other samples' spread) -- the two modes are not comparable
+    per_sample = covariance_analysis(opt, sgd, sgd.init_state(params), params, x[:96], y[:96])
+    assert 2 < per_sample["grad_trace"] / got["grad_trace"] < 32
+
+
+def test_minibatch_mode_adam_matches_a_dense_loop_of_updates():
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(10), dtype=torch.float64)
+    x, y = _data(60, 6)
+    adam = Adam(lr=0.01)
+    state = adam.init_state(params)
+    # a state that is not the initial one (Adam's first step is a sign step)
+    _, g0 = grads_of(opt.loss, params, x[None, :10], y[None, :10])
+    _, state = adam.update(g0, state, params)
+    got = covariance_analysis(opt, adam, state, params, x, y, mode="minibatch", batch_size=6)
+
+    def update(g):
+        return adam.update(g, state, params)[0]
+
+    _, k_update = _dense_minibatch(update, opt, params, x, y, 6)
+    top, trace = _top_trace(k_update)
+    assert got["update_top_eig"] == pytest.approx(top, rel=1e-6)
+    assert got["update_trace"] == pytest.approx(trace, rel=1e-6)
+
+
+def test_minibatches_of_one_are_the_per_sample_mode():
+    """An exact identity without BatchNorm: B = 1 minibatch gradients are per-sample ones."""
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(11), dtype=torch.float64)
+    x, y = _data(20, 6)
+    adam = Adam(lr=0.01)
+    state = adam.init_state(params)
+    a = covariance_analysis(opt, adam, state, params, x, y, method="gram")
+    b = covariance_analysis(
+        opt, adam, state, params, x, y, method="gram", mode="minibatch", batch_size=1
+    )
+    for key in ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace", "num_samples"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    assert (a["mode"], b["mode"]) == ("per_sample", "minibatch")
+
+
+def test_minibatch_mode_errors():
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(12), dtype=torch.float64)
+    x, y = _data(15, 6)
+    sgd = SGD(lr=0.1)
+    state = sgd.init_state(params)
+    with pytest.raises(ValueError, match="batch_size"):
+        covariance_analysis(opt, sgd, state, params, x, y, mode="minibatch")
+    with pytest.raises(ValueError, match="at least 2"):
+        covariance_analysis(opt, sgd, state, params, x, y, mode="minibatch", batch_size=8)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        covariance_analysis(opt, sgd, state, params, x, y, mode="per_minibatch")
