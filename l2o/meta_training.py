@@ -292,7 +292,7 @@ class MetaTrainingSystem(L.LightningModule):
             if self._saved_schedule is not None:
                 self._schedule.load_state_dict(self._saved_schedule)
                 self._saved_schedule = None
-        if self._carry is None:  # a fresh start, or after a skipped update: everyone restarts
+        if self._carry is None:  # a fresh start: everyone starts a run
             self._schedule.force_restart()
         trunc = self._schedule.next_truncation()
         if not bool(trunc.restart.any()):
