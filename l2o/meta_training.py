@@ -1,10 +1,19 @@
-"""Meta-training of the LSTM optimizer as a LightningModule (manual optimization, TBPTT).
+"""Meta-training of a learned optimizer as a LightningModule (manual optimization).
 
-One ``training_step`` = one truncation: ``unroll`` optimizee steps driven by the LSTM, then one
-meta-optimizer step on the gradient of the meta-loss through the unroll. The optimizees' parameters
-and the LSTM's hidden states are carried (detached) to the next step and replaced by freshly
-initialised optimizees every ``optimizee_steps`` steps. They are plain tensors, not parameters,
-and they are saved in checkpoints so that a resumed run continues the same optimizees.
+One ``training_step`` = one truncation: ``unroll`` optimizee steps driven by the learned
+optimizer, then one meta-optimizer step on a meta-gradient estimate. The ``estimator`` decides
+how: ``tbptt`` backpropagates the meta-loss through the unroll (truncated backprop, the study);
+``pes`` runs antithetic particle pairs with perturbed weights and persistent state and estimates
+the gradient of whole inner runs without backprop (:mod:`l2o.estimators`). Either estimate goes
+into ``.grad`` of the same meta-optimizer (Adam), with the same clipping.
+
+The optimizees' parameters and the learned optimizer's states are carried (detached) to the next
+step; a :class:`~l2o.truncation.TruncationSchedule` says when each member (an optimizee of the
+TBPTT population, or a PES pair) restarts with a fresh optimizee: after ``optimizee_steps``
+steps (``constant``), or after a run length drawn log-uniformly in
+``[min_optimizee_steps, optimizee_steps]``; with ``desync`` each member's first run starts at a
+random offset so the population is not in lockstep. Carried tensors, the schedule and PES's
+accumulated perturbations are saved in checkpoints: a resumed run continues exactly.
 
 A non-finite meta-loss or meta-gradient skips that meta-update on every rank (counted in
 ``train/skipped_updates``); an epoch whose every update was skipped stops the run with
@@ -23,6 +32,7 @@ from torch import Tensor, nn
 
 from l2o.checkpoints import LEGACY_CLASS, build_learned_optimizer, qualified_name
 from l2o.data import seeded_generator
+from l2o.estimators import PES, set_meta_gradients
 from l2o.inner import inner_step
 from l2o.lstm import LSTMOptimizer, detach_state
 from l2o.optimizees import ConvOptimizee, MLPOptimizee, build_optimizee, spec_of
@@ -30,11 +40,14 @@ from l2o.optimizers import Params
 from l2o.seeds import VAL_INIT
 from l2o.symmetry import constraints_of, penalty
 from l2o.trees import tree_map
+from l2o.truncation import DISTRIBUTIONS, TruncationSchedule, restart_members, restart_state
 
 # The meta-loss sums the losses seen *before* each update (the study's code): the loss at step t
 # depends on the updates 1..t-1 of the truncation, so a truncation needs >= 2 steps for any loss
 # to depend on the learned optimizer.
 MIN_UNROLL = 2
+ESTIMATORS = ("tbptt", "pes")
+_PES_NOISE = 7  # salt: PES's perturbations are drawn apart from the optimizees' seeds
 
 
 class MetaTrainingDiverged(RuntimeError):
@@ -59,6 +72,17 @@ class MetaTrainingSystem(L.LightningModule):
         symmetry_beta: weight of the symmetry-breaking penalty beta * sum_t sum_j |d_j(-update_t)|.
         symmetry_constraint: ``rescale`` (Leaky ReLU) or ``scale`` (BatchNorm) for the penalty.
         seed: base seed of the optimizees' initialisations (mixed with the DDP rank).
+        estimator: ``tbptt`` (truncated backprop through the unroll) or ``pes`` (antithetic
+            Persistent Evolution Strategies: ``population`` pairs, 2 x population particles).
+        pes_sigma: PES's perturbation scale σ over the learned optimizer's weights.
+        pes_pairs: PES's antithetic pairs; each pair trains one optimizee stream of the data,
+            so it must equal ``population`` (None: ``population``).
+        pes_compile: ``torch.compile`` PES's vmapped update of all particles.
+        truncation: ``constant`` inner runs of ``optimizee_steps`` steps, or ``log_uniform``
+            lengths in ``[min_optimizee_steps, optimizee_steps]`` (multiples of ``unroll``).
+        min_optimizee_steps: the lower bound of ``log_uniform`` run lengths.
+        desync: start each member's first run at a random truncation boundary, so members
+            restart at different truncations (every truncation mixes early and late steps).
     """
 
     def __init__(
@@ -74,6 +98,13 @@ class MetaTrainingSystem(L.LightningModule):
         symmetry_beta: float = 0.0,
         symmetry_constraint: str = "rescale",
         seed: int = 0,
+        estimator: str = "tbptt",
+        pes_sigma: float = 0.01,
+        pes_pairs: int | None = None,
+        pes_compile: bool = False,
+        truncation: str = "constant",
+        min_optimizee_steps: int | None = None,
+        desync: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(learned_optimizer, dict):  # from a checkpoint's hyperparameters
@@ -112,6 +143,21 @@ class MetaTrainingSystem(L.LightningModule):
             raise ValueError(
                 f"optimizee_steps={optimizee_steps} is not a multiple of unroll={unroll}"
             )
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if pes_pairs is not None and pes_pairs != population:
+            raise ValueError(
+                f"pes_pairs={pes_pairs} but population={population}: each PES pair trains one "
+                f"optimizee stream of the data, so set --model.population {pes_pairs} (pes_pairs "
+                "defaults to it)"
+            )
+        if truncation not in DISTRIBUTIONS:
+            raise ValueError(f"truncation must be one of {DISTRIBUTIONS}, got {truncation!r}")
+        if truncation == "log_uniform" and min_optimizee_steps is None:
+            raise ValueError(
+                "truncation log_uniform needs min_optimizee_steps (the shortest run; "
+                "optimizee_steps is the longest)"
+            )
         if meta_loss not in ("log", "sum"):
             raise ValueError(f"meta_loss must be 'log' or 'sum', got {meta_loss!r}")
         if meta_lr <= 0:
@@ -126,6 +172,8 @@ class MetaTrainingSystem(L.LightningModule):
         if symmetry_beta > 0:
             self._check_constraint(symmetry_constraint)
         self.save_hyperparameters(ignore=["learned_optimizer", "optimizee"])
+        self._new_schedule(0)  # checked here: a bad schedule fails before any work
+        self._check_partial_restarts()
         # Plain data only, so checkpoints load with weights_only=True.
         self.hparams["learned_optimizer"] = {
             "class_path": self.learned_optimizer_class,
@@ -134,6 +182,20 @@ class MetaTrainingSystem(L.LightningModule):
         self.hparams["optimizee"] = spec_of(self.optimizee)
         self.automatic_optimization = False
         self._carry: dict[str, Any] | None = None  # optimizee params, LSTM state, counters
+        self._schedule: TruncationSchedule | None = None  # built at the first step (rank known)
+        self._saved_schedule: dict[str, Tensor] | None = None  # from a checkpoint
+        self._pes: PES | None = (
+            PES(
+                self.learned_optimizer,
+                self.optimizee,
+                pairs=population,
+                sigma=pes_sigma,
+                meta_loss=meta_loss,
+                torch_compile=pes_compile,
+            )
+            if estimator == "pes"
+            else None
+        )
         self._runs_started = 0
         self._val: dict[str, Any] = {}
         # Skipped meta-updates: in all, and in this epoch out of its training steps.
@@ -167,13 +229,84 @@ class MetaTrainingSystem(L.LightningModule):
         gen = seeded_generator(*seed_keys)
         return self.optimizee.init(population, gen, device=self.device)
 
-    def _reset(self) -> None:
+    def _new_schedule(self, rank: int) -> TruncationSchedule:
+        hp = self.hparams
+        constant = hp.truncation == "constant"
+        return TruncationSchedule(
+            members=hp.population,  # TBPTT's optimizees, or PES's pairs
+            unroll=hp.unroll,
+            min_steps=hp.optimizee_steps if constant else hp.min_optimizee_steps,
+            max_steps=None if constant else hp.optimizee_steps,
+            distribution=hp.truncation,
+            desync=hp.desync,
+            seed=hp.seed * 1_000_003 + rank,  # per rank: ranks restart independently
+        )
+
+    def _check_partial_restarts(self) -> None:
+        """Fail now, not at the first desynchronised restart, when the learned optimizer's state
+        has an entry shared by the whole population (e.g. MLPLOpt's step count): one member
+        cannot restart while the others carry on."""
+        hp = self.hparams
+        if hp.population == 1 or (hp.truncation == "constant" and not hp.desync):
+            return  # every member restarts at once
+        if callable(getattr(self.learned_optimizer, "restart_members", None)):
+            return
+        state = self.learned_optimizer.init_state(self.optimizee.init(2, seeded_generator(0)))
+        shared = [
+            k for k, v in state.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        if shared:
+            raise ValueError(
+                f"{type(self.learned_optimizer).__name__} keeps {shared} shared by the whole "
+                f"population, so one member cannot restart while the others carry on: with "
+                f"population {hp.population}, use --model.truncation constant and "
+                "--model.desync false (or population 1)"
+            )
+
+    def _fresh_carry(self, params: Params) -> dict[str, Any]:
+        if self._pes is not None:
+            return self._pes.init_carry(params)
+        return {"params": params, "state": self.learned_optimizer.init_state(params)}
+
+    def _restart(self, carry: dict[str, Any], mask: Tensor, params: Params) -> dict[str, Any]:
+        """The members in ``mask`` restart with the rows of ``params``; the others carry on."""
+        try:
+            if self._pes is not None:
+                return self._pes.reset(carry, mask, params)
+            fresh = self.learned_optimizer.init_state(params)
+            return {
+                "params": restart_members(mask, params, carry["params"]),
+                "state": restart_state(self.learned_optimizer, carry["state"], fresh, mask),
+            }
+        except ValueError as err:
+            raise ValueError(
+                f"{type(self.learned_optimizer).__name__} cannot restart one member of the "
+                f"population while the others carry on ({err}); use truncation constant without "
+                "desync, or population 1"
+            ) from err
+
+    def _advance(self) -> None:
+        """Start a truncation: restart the members whose run is over, per the schedule."""
+        if self._schedule is None:
+            self._schedule = self._new_schedule(self.global_rank)
+            if self._saved_schedule is not None:
+                self._schedule.load_state_dict(self._saved_schedule)
+                self._saved_schedule = None
+        if self._carry is None:  # a fresh start: everyone starts a run
+            self._schedule.force_restart()
+        trunc = self._schedule.next_truncation()
+        if not bool(trunc.restart.any()):
+            return
         params = self.fresh_optimizees(
             self.hparams.population, (self.hparams.seed, self.global_rank, self._runs_started)
         )
         self._runs_started += 1
-        state = self.learned_optimizer.init_state(params)
-        self._carry = {"params": params, "state": state, "step": 0}
+        draws = self._carry.get("draws", 0) if self._carry is not None else 0
+        if self._carry is None or bool(trunc.restart.all()):
+            carry = self._fresh_carry(params)
+        else:
+            carry = self._restart(self._carry, trunc.restart, params)
+        self._carry = {**carry, "draws": draws}
 
     # ------------------------------------------------------------------ the unroll
     def unroll(
@@ -218,14 +351,12 @@ class MetaTrainingSystem(L.LightningModule):
                 f"{self.hparams.population}: link data.population to the model"
             )
         self.optimizee.check_input(x.shape[-1])
-        if self._carry is None or self._carry["step"] >= self.hparams.optimizee_steps:
-            self._reset()
+        self._advance()
         carry = self._carry
-        beta = self.hparams.symmetry_beta
-        with torch.enable_grad():
-            losses, pen, params, state = self.unroll(carry["params"], carry["state"], x, y, beta)
-            meta_loss = self.meta_loss(losses)
-            objective = meta_loss + beta * pen.mean()
+        if self._pes is not None:
+            objective, logs, new_carry = self._pes_truncation(carry, x, y)
+        else:
+            objective, logs, new_carry = self._tbptt_truncation(carry, x, y)
         meta_opt = self.optimizers()
         self._epoch_steps += 1
         # All ranks must agree to skip, or DDP's gradient all-reduce would hang.
@@ -233,10 +364,19 @@ class MetaTrainingSystem(L.LightningModule):
         finite = self.trainer.strategy.reduce(finite, reduce_op="min") if self._ddp() else finite
         if finite.item() < 1:
             self._skip(batch_idx, "non-finite meta-loss: update skipped, optimizees restarted")
-            self._carry = None
+            self._schedule.force_restart()
             return objective.detach()
         meta_opt.zero_grad()
-        self.manual_backward(objective)
+        if self._pes is not None:
+            # Each rank's particles give an estimate; their mean keeps the ranks identical.
+            reduce = (
+                (lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+                if self._ddp()
+                else None
+            )
+            set_meta_gradients(self.learned_optimizer.parameters(), new_carry.pop("grads"), reduce)
+        else:
+            self.manual_backward(objective)
         norm = torch.nn.utils.clip_grad_norm_(
             self.learned_optimizer.parameters(), self.hparams.grad_clip or math.inf
         )
@@ -244,24 +384,54 @@ class MetaTrainingSystem(L.LightningModule):
             meta_opt.step()
         else:
             self._skip(batch_idx, "non-finite meta-gradient: update skipped")
-        self._carry = {
-            "params": tuple(p.detach() for p in params),
-            "state": detach_state(state),
-            "step": carry["step"] + x.shape[0],
-        }
+        self._carry = {**new_carry, "draws": carry["draws"] + 1}
+        losses = logs.pop("losses")
         self.log_dict(
             {
-                "train/meta_loss": meta_loss.detach(),
-                "train/optimizee_loss": losses.detach().mean(),
-                "train/optimizee_final_loss": losses.detach()[-1].mean(),
+                "train/meta_loss": logs.pop("meta_loss"),
+                "train/optimizee_loss": losses.mean(),
+                "train/optimizee_final_loss": losses[-1].mean(),
                 "train/meta_grad_norm": norm,
             },
             prog_bar=False,
         )
-        self.log("loss", losses.detach()[-1].mean(), prog_bar=True, logger=False)
-        if beta > 0:
-            self.log("train/symmetry_penalty", pen.detach().mean())
+        self.log("loss", losses[-1].mean(), prog_bar=True, logger=False)
+        if self.hparams.symmetry_beta > 0:
+            self.log("train/symmetry_penalty", logs.pop("penalty"))
         return objective.detach()
+
+    def _tbptt_truncation(self, carry: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict, dict]:
+        """The truncation on the autograd graph: the objective to backpropagate."""
+        beta = self.hparams.symmetry_beta
+        with torch.enable_grad():
+            losses, pen, params, state = self.unroll(carry["params"], carry["state"], x, y, beta)
+            meta_loss = self.meta_loss(losses)
+            objective = meta_loss + beta * pen.mean()
+        new_carry = {"params": tuple(p.detach() for p in params), "state": detach_state(state)}
+        logs = {"losses": losses.detach(), "meta_loss": meta_loss.detach()}
+        return objective, {**logs, "penalty": pen.detach().mean()}, new_carry
+
+    def _pes_truncation(self, carry: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict, dict]:
+        """The truncation for every particle (no graph) and PES's estimate (in ``grads``)."""
+        hp = self.hparams
+        # The perturbations: a pure function of (seed, rank, truncation count), so a resumed run
+        # draws the same ones; ranks draw their own.
+        gen = seeded_generator(hp.seed, self.global_rank, _PES_NOISE, carry["draws"])
+        penalty_fn = None
+        if hp.symmetry_beta > 0:
+
+            def penalty_fn(params: Params, updates: Params) -> Tensor:
+                delta = tuple(-u for u in updates)
+                return hp.symmetry_beta * penalty(
+                    self.optimizee, params, delta, hp.symmetry_constraint
+                )
+
+        pes_carry = {k: carry[k] for k in ("params", "state", "xi")}
+        est = self._pes.estimate(pes_carry, x, y, gen, penalty=penalty_fn)
+        objective = est.meta_loss + est.penalty
+        pen = est.penalty / hp.symmetry_beta if hp.symmetry_beta > 0 else est.penalty
+        logs = {"losses": est.losses, "meta_loss": est.meta_loss, "penalty": pen}
+        return objective, logs, {**est.carry, "grads": est.grads}
 
     def _skip(self, batch_idx: int, what: str) -> None:
         self._skipped += 1
@@ -320,7 +490,9 @@ class MetaTrainingSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank carries its own optimizees; rank 0 writes the file, so gather them (every
         # rank runs this hook for every save: Trainer.save_checkpoint is collective).
-        carry = _to_cpu(self._carry)
+        carry = self._carry
+        if carry is not None:  # the schedule travels with the carry it drives
+            carry = _to_cpu({**carry, "schedule": self._schedule.state_dict()})
         carries = [carry]
         if self._ddp() and torch.distributed.is_initialized():
             carries = [None] * self.trainer.world_size
@@ -360,8 +532,27 @@ class MetaTrainingSystem(L.LightningModule):
             carry = saved.get("carry")
             if carry is not None and "shapes" in carry["state"]:
                 carry["state"]["shapes"] = tuple(tuple(s) for s in carry["state"]["shapes"])
+        self._schedule, self._saved_schedule = None, None
         if carry is not None:
+            carry = dict(carry)
             carry["params"] = tuple(carry["params"])
+            if "xi" in carry:
+                carry["xi"] = tuple(carry["xi"])
+            if "schedule" in carry:
+                self._saved_schedule = carry.pop("schedule")
+            else:  # written before truncation schedules: every member at the same step
+                members = carry["params"][0].shape[0]
+                self._saved_schedule = {
+                    "steps": torch.full((members,), int(carry.pop("step")), dtype=torch.long),
+                    "lengths": torch.full((members,), self.hparams.optimizee_steps),
+                    "runs": torch.ones(members, dtype=torch.long),
+                }
+            carry.setdefault("draws", 0)
+            if (self._pes is None) == ("xi" in carry):
+                raise ValueError(
+                    "the checkpoint's carried state is of another estimator than "
+                    f"--model.estimator {self.hparams.estimator}: resume with the same estimator"
+                )
         self._carry = carry
 
     def on_train_start(self) -> None:

@@ -386,6 +386,45 @@ def test_ddp_two_cpu_processes_keep_meta_parameters_identical_and_resume(tmp_pat
     assert_bit_identical(load(last), straight)
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_pes_averages_the_ranks_estimates_and_resumes(tmp_path, mnist_root):
+    # configs/tiny_pes.yaml: each rank runs its own 2 pairs (own noise, optimizees, data and
+    # log-uniform desynchronised schedule); the all-reduced mean of the estimates keeps one LSTM.
+    probe = tmp_path / "probe"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    pes = ["--config", str(REPO / "configs" / "tiny_pes.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def run(name: str, *extra: str) -> None:
+        cmd = [sys.executable, "train.py", *tiny_args(tmp_path, mnist_root, name), *pes, *ddp]
+        res = subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run("tiny", "--trainer.callbacks+=tests.ddp_probe.RankProbe",
+        f"--trainer.callbacks.out_dir={probe}")  # fmt: skip
+    r0, r1 = (torch.load(probe / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["global_step"] == r1["global_step"] == 12
+    assert r0["first_params_sum"] != r1["first_params_sum"]
+    assert r0["first_batch_sum"] != r1["first_batch_sum"]
+    for key in r0["lstm"]:
+        torch.testing.assert_close(r0["lstm"][key], r1["lstm"][key], rtol=0, atol=0)
+    init = MetaTrainingSystem(optimizee={"sizes": [784, 8, 10]})
+    assert any(
+        not torch.equal(r0["lstm"][k], v) for k, v in init.learned_optimizer.state_dict().items()
+    )
+    straight = load(ckpt_dir(tmp_path) / "last.ckpt")
+    c0, c1 = straight["l2o"]["carries"]
+    # Each rank's own particles: other perturbations.
+    assert not torch.equal(c0["xi"][0], c1["xi"][0])
+    assert c0["draws"] == c1["draws"] == 12
+    # Stopped mid-run and resumed under DDP: bit-identical to the uninterrupted run.
+    run("split", "--trainer.max_steps", "5")
+    run("split", "--ckpt_path", "last")
+    assert_bit_identical(load(ckpt_dir(tmp_path, "split") / "last.ckpt"), straight)
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
