@@ -128,3 +128,52 @@ def test_evaluate_meta_tests_both_with_every_analysis(tmp_path, mnist_root, chec
     # two different learned optimizers ran, not one twice: their trajectories differ
     a, b = (rows[k]["final_train_loss"]["values"] for k in ("lstm", "mlp_lopt"))
     assert a != b
+
+
+@pytest.mark.parametrize(
+    "config, family, criterion",
+    [
+        ("eval_cnn.yaml", "ConvOptimizee", None),
+        ("eval_learned_optimizers.yaml", "MLPOptimizee", 100),
+    ],
+)
+def test_eval_configs_take_both_checkpoints_on_the_command_line(
+    tmp_path, config, family, criterion
+):
+    """The configs parse with the learned optimizers appended (--optimizers+), each its own
+    label, on the intended optimizee family, with every analysis of configs/analyses.yaml."""
+    from evaluate import build_parser, select_analyses
+    from l2o.specs import parse_optimizers
+
+    net = MLPLOpt(hidden_sizes=[4])
+    path = tmp_path / "m.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"learned_optimizer.{k}": v for k, v in net.state_dict().items()},
+            "l2o": {
+                "learned_optimizer_class": "l2o.mlp_lopt.MLPLOpt",
+                "learned_optimizer_config": net.config(),
+                "optimizee": {"sizes": [784, 20, 10], "activation": "leaky_relu"},
+            },
+        },
+        path,
+    )
+    parser = build_parser()
+    cfg = parser.parse_args(
+        [
+            "--config",
+            str(REPO / "configs" / config),
+            "--optimizers+",
+            f"{{name: l2o, checkpoint: {path}, label: lstm}}",
+            "--optimizers+",
+            f"{{name: l2o, checkpoint: {path}, label: mlp_lopt}}",
+        ]
+    )
+    assert cfg.steps == 200 and cfg.seeds == 5 and cfg.criterion_steps == criterion
+    labels = [s.label for s in parse_optimizers(cfg.optimizers, [], [0.1])]
+    assert labels[-2:] == ["lstm", "mlp_lopt"] and "adam" in labels
+    assert len(select_analyses(cfg)) == len(default_analyses())
+    init = parser.instantiate_classes(cfg)
+    assert type(init.optimizee).__name__ == family
+    if family == "ConvOptimizee":
+        assert tuple(init.optimizee.channels) == (8, 16)
