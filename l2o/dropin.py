@@ -43,7 +43,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     The learned optimizer is copied (the copy is frozen, in eval mode, and survives
     ``copy.deepcopy`` and pickling); ``opt.learned_optimizer`` is that copy. It runs in each
     parameter's dtype and on its device (a converted copy per dtype and device). Parameters
-    whose ``.grad`` is None are skipped, as in torch.optim; sparse gradients are refused.
+    whose ``.grad`` is None (and empty ones) are skipped, as in torch.optim; sparse gradients
+    are refused.
     Memory: the LSTM keeps 2 x layers x hidden (80 for the study's) numbers per coordinate,
     MLPLOpt one per momentum decay plus one.
     """
@@ -82,7 +83,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     "optimizer such as torch.optim.SparseAdam for that parameter"
                 )
         for lr, p in stepping:
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:  # nothing to update (the LSTM cannot run on 0)
                 continue
             net = self._net_for(p)
             view = (p.detach().unsqueeze(0),)  # a population of one
@@ -110,23 +111,33 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ persistence
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._check_states()
+        """torch's load, then a check that the state is this learned optimizer's for these
+        parameters; a refused state dict leaves the optimizer as it was (not half-loaded)."""
+        state, groups = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+            self._check_states()
+        except Exception:
+            self.state, self.param_groups = state, groups
+            raise
 
     def _check_states(self) -> None:
-        """A state dict of another learned optimizer (or of Adam) fails here, not mid-step."""
-        probe = self.learned_optimizer.init_state((torch.zeros(1, 1),))
-        expected = set(probe)
+        """A state dict of another learned optimizer (or of Adam, or of this class with another
+        config) fails here, not mid-step: each state must have the keys and tensor shapes that
+        ``init_state`` gives the parameter (probed on the meta device: no memory)."""
+        name = type(self.learned_optimizer).__name__
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
-                if set(state) != expected:
+                probe = self.learned_optimizer.init_state(
+                    (torch.empty((1, *p.shape), dtype=p.dtype, device="meta"),)
+                )
+                if set(state) != set(probe):
                     raise ValueError(
-                        f"this state dict holds state keys {sorted(state)}, but "
-                        f"{type(self.learned_optimizer).__name__} uses {sorted(expected)}: it was "
-                        "saved by another optimizer"
+                        f"this state dict holds state keys {sorted(state)}, but {name} uses "
+                        f"{sorted(probe)}: it was saved by another optimizer"
                     )
                 shapes = state.get("shapes")
                 if shapes is not None and tuple(map(tuple, shapes)) != ((1, *p.shape),):
@@ -134,6 +145,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"state dict state of shape {tuple(map(tuple, shapes))} for a parameter "
                         f"of shape {tuple(p.shape)}: the parameters are not the saved ones"
                     )
+                for key, want in probe.items():
+                    got = state[key]
+                    if isinstance(want, Tensor) and (
+                        not isinstance(got, Tensor) or got.shape != want.shape
+                    ):
+                        found = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+                        raise ValueError(
+                            f"state {key!r} of a parameter of shape {tuple(p.shape)} is {found}, "
+                            f"but this {name} makes {tuple(want.shape)}: the state dict was saved "
+                            f"with another {name} config (this one: "
+                            f"{self.learned_optimizer.config()})"
+                        )
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults, state and param_groups: without this the meta-network would

@@ -488,3 +488,110 @@ def test_trains_under_lightning_with_a_scheduler():
                 start = F.mse_loss(Module(lopt).layer(x).squeeze(1), y)
                 end = F.mse_loss(module.layer(x).squeeze(1), y)
             assert end < 0.7 * start, (start, end)
+
+
+# --------------------------------------------------------------------------- found in the audit
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_parameter_is_skipped(kind):
+    """A zero-element parameter (e.g. a 0-width layer) has nothing to update; the others step
+    exactly as without it (the protocol cannot run on 0 coordinates)."""
+    net = _lopt(kind)
+    empty = nn.Parameter(torch.zeros(0, 3))
+    model, ref = Net(), Net()
+    opt = LearnedOptimizer([empty, *model.parameters()], learned_optimizer=net)
+    ref_opt = LearnedOptimizer(ref.parameters(), learned_optimizer=net)
+    for batch in _batches(2):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _backward(m, batch)
+        empty.grad = torch.zeros(0, 3)
+        opt.step()
+        ref_opt.step()
+    assert empty.shape == (0, 3) and empty not in opt.state
+    _assert_same(_params_of(model), _params_of(ref), exact=True)
+
+
+def _stepped(net, batches, model=None):
+    model = model or Net()
+    opt = LearnedOptimizer(model.parameters(), learned_optimizer=net)
+    for batch in batches:
+        opt.zero_grad()
+        _backward(model, batch)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(kind):
+    """Adam's state dict, or one of the same class with another config (other state sizes),
+    is refused with a clear error at load time, and the optimizer continues untouched."""
+    batches = _batches(4)
+    net = _lopt(kind)
+    other = MLPLOpt(momentum_decays=[0.5, 0.9]) if kind == "mlp" else LSTMOptimizer(hidden_size=4)
+    adam_model = Net()
+    adam = torch.optim.Adam(adam_model.parameters())
+    _backward(adam_model, batches[0])
+    adam.step()
+    _, other_opt = _stepped(other, batches[:1])
+    model, opt = _stepped(net, batches[:2])
+    twin_model, twin = copy.deepcopy((model, opt))
+    with pytest.raises(ValueError, match="saved by another optimizer"):
+        opt.load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match=f"saved with another {type(net).__name__} config"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert set(opt.param_groups[0]) == {"params", "lr"}
+    for m, o in ((model, opt), (twin_model, twin)):
+        for batch in batches[2:]:
+            o.zero_grad()
+            _backward(m, batch)
+            o.step()
+    _assert_same(_params_of(model), _params_of(twin_model), exact=True)
+
+
+def test_resumes_under_lightning_from_its_checkpoint(tmp_path):
+    """Lightning saves the drop-in's and the scheduler's state in its checkpoint: fit 1 epoch,
+    resume to 2 from the checkpoint = 2 epochs straight, bit for bit."""
+    import lightning as L
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=gen)
+    y = (x @ torch.randn(5, 1, generator=gen)).squeeze(1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    lopt = _lopt("mlp")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(5, 1)
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.layer(batch[0]).squeeze(1), batch[1])
+
+        def configure_optimizers(self):
+            opt = LearnedOptimizer(self.layer.parameters(), learned_optimizer=lopt)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def fit(epochs, ckpt_path=None):  # 4 steps an epoch
+        module = Module()
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, _ = fit(2)
+    # a finished epoch (a max_steps stop would replay the epoch on resume, torch's SGD too)
+    _, first = fit(1)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, trainer = fit(2, ckpt_path=tmp_path / "half.ckpt")
+    assert trainer.optimizers[0].state[resumed.layer.weight]["step"] == 8
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)
+    _assert_same(_params_of(straight.layer), _params_of(resumed.layer), exact=True)
