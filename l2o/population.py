@@ -73,11 +73,11 @@ class SeedRun:
         """``{step: {tag: value}}`` of ``meta_test/*``, exactly the tags ``MetaTestSystem``
         logs at each step (train every step, test at the evaluated ones)."""
         out = {
-            i + 1: {"meta_test/train_loss": float(l), "meta_test/train_acc": float(a)}
-            for i, (l, a) in enumerate(zip(self.train_loss, self.train_acc))
+            i + 1: {"meta_test/train_loss": float(loss), "meta_test/train_acc": float(acc)}
+            for i, (loss, acc) in enumerate(zip(self.train_loss, self.train_acc))
         }
-        for s, l, a in zip(self.test_steps, self.test_loss, self.test_acc):
-            out[s].update({"meta_test/test_loss": float(l), "meta_test/test_acc": float(a)})
+        for s, loss, acc in zip(self.test_steps, self.test_loss, self.test_acc):
+            out[s].update({"meta_test/test_loss": float(loss), "meta_test/test_acc": float(acc)})
         return out
 
 
