@@ -38,6 +38,7 @@ class UpdateCovariance(Analysis):
 
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1).
+        schedule: ``linear`` or ``log`` (``callbacks.base.schedule_steps``).
         num_samples: N, at most the training split's size (``None``: the whole split); more
             is an error before any run. The same samples are used at every analysed step.
         seed: ``None`` takes the first N examples of the split; an integer a seeded random
@@ -62,8 +63,9 @@ class UpdateCovariance(Analysis):
         chunk_size: int | None = None,
         method: str = "auto",
         covariance_mode: str = "per_sample",
+        schedule: str = "linear",
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, schedule)
         if covariance_mode not in MODES:
             raise ValueError(f"covariance_mode must be one of {MODES}, got {covariance_mode!r}")
         if num_samples is not None and num_samples < 2:

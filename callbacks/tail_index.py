@@ -79,6 +79,7 @@ class TailIndex(Analysis):
 
     Args:
         every_n_steps: analyse every this many optimizee steps (and always step 1).
+        schedule: ``linear`` or ``log`` (``callbacks.base.schedule_steps``).
         analysis_batches: cap on the number of minibatches (``None``: all whole minibatches of
             the training split, e.g. 468 of 128 for MNIST's 60,000 images). Must be >= 2.
         chunk_size: minibatches per vectorized gradient call and per optimizer call of the
@@ -100,8 +101,9 @@ class TailIndex(Analysis):
         chunk_size: int | None = None,
         noise_center: str = "full_batch_update",
         per_layer: bool = True,
+        schedule: str = "linear",
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, schedule)
         if noise_center not in CENTERS:
             raise ValueError(f"noise_center must be one of {CENTERS}, got {noise_center!r}")
         if analysis_batches is not None and analysis_batches < 2:
