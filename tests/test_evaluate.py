@@ -361,7 +361,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ("[{name: adam, lr: tune}, {name: sgd, lr: 0}]", ValueError, "'sgd': lr must be.*> 0"),
         ("[{name: sgd, lr: 0.1, momentun: 0.9}]", ValueError, "'sgd'.*momentun"),
         ("[{name: lion_sgd, lr: 0.1, lion_lr: 0}]", ValueError, "learning rate must be > 0"),
-        ("[{class_path: torch.optim.RAdam}]", ValueError, "not supported yet"),
+        ("[{class_path: torch.optim.LBFGS, lr: 1.0}]", ValueError, "LBFGS cannot be replayed"),
         ("[{name: sgd, lr: 0.1, label: a/b}]", ValueError, "plain folder name"),
         ("[{name: sgd, lr: 0.1}, {name: sgd, lr: 0.2}]", ValueError, "labelled 'sgd'"),
         ("[{name: l2o, checkpoint: missing.ckpt}]", FileNotFoundError, "missing.ckpt"),
