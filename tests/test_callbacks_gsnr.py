@@ -85,3 +85,16 @@ def test_two_analyses_share_one_computation_of_per_sample_gradients(tmp_path, mo
     run = Run(tmp_path, make_optimizer("sgd"), [a, b], steps=3)
     assert len(calls) == 3  # once per step, not once per analysis
     assert sorted(run.recorded("gsnr/mean_gsnr")) == [1, 2, 3]
+
+
+def test_it_owns_its_charts_columns_and_figure():
+    cb = GradientNoise()
+    tags = cb.scalar_tags(LEAKY)
+    assert all(t.startswith("gsnr/") for t in tags)
+    assert sorted(t for c in cb.charts(LEAKY).values() for t in c) == sorted(tags)
+    assert {c.tag for c in cb.summary_columns(LEAKY)} <= set(tags)
+    panels = cb.figure(LEAKY).panels
+    assert [p.tag for p in panels] == tags
+    assert [p.sanity for p in panels] == sorted(p.sanity for p in panels)  # sanity last
+    with pytest.raises(ValueError, match="chunk_size"):
+        GradientNoise(chunk_size=0)
