@@ -212,6 +212,8 @@ class MLPLOpt(nn.Module):
         starts with the population dim P, and ``reshape(-1)`` keeps each member's coordinates
         contiguous, so the segments are contiguous runs of the concatenated coordinates.
         """
+        if x.shape[-2] == 0:  # no coordinates (an empty tensor): nothing to normalise
+            return x
         if len(shapes) == 1:  # one tensor (the torch.optim drop-in's call): equal-sized segments
             members = shapes[0][0]
             per = x.reshape(-1, members, x.shape[-2] // members, x.shape[-1])

@@ -370,3 +370,15 @@ def test_meta_training_by_hand_lowers_the_meta_loss():
         meta_opt.step()
     after = held_out()
     assert after < before - 1.0, (before, after)
+
+
+def test_an_empty_tensor_gets_an_empty_update():
+    """0 coordinates (alone, or beside others): empty update, the others as without it."""
+    net = _net()
+    empty, full = torch.zeros(1, 0, 3), torch.randn(1, 4)
+    grad = torch.randn(1, 4)
+    (u,), _ = net.update((empty,), net.init_state((empty,)), (empty,))
+    assert u.shape == (1, 0, 3)
+    (ue, uf), _ = net.update((empty, grad), net.init_state((empty, full)), (empty, full))
+    (ref,), _ = net.update((grad,), net.init_state((full,)), (full,))
+    assert ue.shape == (1, 0, 3) and torch.equal(uf, ref)
