@@ -399,7 +399,7 @@ def test_ddp_two_cpu_processes_pes_averages_the_ranks_estimates_and_resumes(tmp_
     def run(name: str, *extra: str) -> None:
         cmd = [sys.executable, "train.py", *tiny_args(tmp_path, mnist_root, name), *pes, *ddp]
         res = subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
+                             timeout=1800)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
 
     run("tiny", "--trainer.callbacks+=tests.ddp_probe.RankProbe",
