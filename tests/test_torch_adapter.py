@@ -559,6 +559,11 @@ def test_every_analysis_is_the_same_through_the_adapter(which):
     for key, v in o.items():
         if math.isnan(v):
             assert math.isnan(a[key]), key
+        elif key[0].startswith("tail_index/") and not 0 < v <= 2.5:
+            # Not an alpha: the output layer's bias noise sums to 0 in every row, so the
+            # estimator's blocks cancel down to rounding and its log amplifies float64 noise
+            # (e.g. -0.0448 vs -0.0447); both must still read as no alpha.
+            assert not 0 < a[key] <= 2.5, key
         else:
             # abs: values that are 0 up to float64 rounding (SGD keeps the symmetries exactly)
             assert a[key] == pytest.approx(v, rel=1e-6, abs=1e-12), key
@@ -580,5 +585,7 @@ def test_every_analysis_is_the_same_through_the_adapter(which):
     }
     assert {"tail_index", "covariance", "update_ratio", "update_hist"} <= moved, moved
     assert ("symmetry" in moved) == (which != "sgd")
+    # Most values are numbers (NaN: per-tensor standardized alphas of tensors whose every
+    # coordinate has an atom, which the estimator leaves out by design).
     finite = [v for v in o.values() if math.isfinite(v)]
-    assert len(finite) > 0.9 * len(o)
+    assert len(finite) > 0.75 * len(o)
