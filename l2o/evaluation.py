@@ -493,7 +493,7 @@ def run_experiment(
         done: set[str] = set()
         if vectorise_seeds:
             device = _population_device(base)
-            for s in dict.fromkeys(s for s, _ in jobs):
+            for s in [s for s in specs if any(t is s for t, _ in jobs)]:
                 opt = s.build(rates[s.label])
                 why = vectorisable(opt, optimizee)
                 if why is not None:

@@ -98,6 +98,7 @@ def test_test_loss_is_taken_at_x(tmp_path, cls_name, lr, options):
         assert sorted(logged) == sorted(ref) == run.test_steps == [3, 6]
         for step, population_loss in zip(run.test_steps, run.test_loss):
             at_x, at_y = ref[step]
-            assert abs(at_x - at_y) > 1e-3 * abs(at_y), (step, at_x, at_y)  # x and y differ
+            # x and y differ by far more than the tolerance of the match below
+            assert abs(at_x - at_y) > 1e-4 * abs(at_y), (step, at_x, at_y)
             assert logged[step] == pytest.approx(at_x, rel=1e-5, abs=1e-6), (step, at_y)
             assert population_loss == pytest.approx(at_x, rel=1e-5, abs=1e-6), (step, at_y)
