@@ -76,6 +76,7 @@ def assert_same_experiment(plain: Path, vec: Path) -> None:
         assert list((vec / label / "mean").glob("events.*")), label
 
 
+@pytest.mark.slow  # like test_evaluate's every-analysis run: three optimizers x two seeds, twice
 def test_vectorised_seeds_give_the_same_experiment(tmp_path, mnist_root, checkpoint, capsys):  # noqa: F811
     """sgd (fixed lr), adam (tuned) and a tiny learned LSTM, 2 seeds, every analysis."""
     extra = [
