@@ -7,7 +7,10 @@
    and every analysis (``analysis.check``), and the output folder;
 2. takes the folder ``out/name`` (see *Output folder* below), tunes the learning rates, then runs
    one ``Trainer.test`` of :class:`~l2o.meta_testing.MetaTestSystem` per optimizer and seed,
-   with the analysis callbacks, logging to TensorBoard (live) and to the run's record;
+   with the analysis callbacks, logging to TensorBoard (live) and to the run's record; with
+   ``vectorise_seeds``, the seeds of each optimizer are one population run instead
+   (``l2o.population``: same numbers, same run folders), unless :func:`vectorisable` finds
+   that the optimizer cannot be split into members (then the per-seed runs, with a note);
 3. writes per optimizer a TensorBoard run of the seed means, and the summary and figures
    (``l2o.report.build_report``, from the records).
 
@@ -36,6 +39,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from l2o.analysis import AnalysisProtocol, FigureSpec
@@ -43,6 +47,7 @@ from l2o.inner import inner_step
 from l2o.meta_testing import MetaTestSystem, init_optimizee
 from l2o.optimizees import Optimizee
 from l2o.optimizers import Optimizer
+from l2o.population import log_seed_run, member_state, run_seeds
 from l2o.records import RecordLogger, read_record
 from l2o.report import CORE_FIGURE, MANIFEST, build_report, read_manifest, write_json
 from l2o.seeds import TUNE_RUN
@@ -138,6 +143,72 @@ def tune_lr(
         scores[lr] = float(np.mean(runs)) if all(map(math.isfinite, runs)) else math.inf
     best = min(scores, key=scores.get)
     return (best if math.isfinite(scores[best]) else None), scores
+
+
+# ----------------------------------------------------------------------------- population runs
+def _same(a: Any, b: Any) -> bool:
+    """Two optimizer states equal in structure, tensors to float rounding."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape:
+            return False
+        if not a.is_floating_point():
+            return bool(torch.equal(a, b))
+        return bool(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return (
+            isinstance(b, (tuple, list))
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b))
+        )
+    return a == b
+
+
+@torch.no_grad()
+def vectorisable(opt: Optimizer, optimizee: Optimizee, steps: int = 2) -> str | None:
+    """``None`` if ``opt``'s seeds can run as one population (``l2o.population``), else why not.
+
+    Probed on a population of two random optimizees, ``steps`` updates: each member's updates,
+    and its state as ``member_state`` cuts it (what the per-seed analyses replay), must be
+    those of the same member run alone. A state layout ``member_state`` does not know raises
+    ``ValueError`` (e.g. per-member state dicts); a cut that silently gives another member's
+    numbers fails the comparison. Cheap: a few updates of the optimizee's size.
+    """
+    g = torch.Generator().manual_seed(0)
+    pop = optimizee.init(2, g)
+    grads = [tuple(torch.randn(p.shape, generator=g, dtype=p.dtype) for p in pop)
+             for _ in range(steps)]  # fmt: skip
+
+    def pick(ts, member):
+        return ts if member is None else tuple(t[member : member + 1] for t in ts)
+
+    def run(params, member=None):
+        params, ups = pick(params, member), []
+        state = opt.init_state(params)
+        for gr in grads:
+            updates, state = opt.update(pick(gr, member), state, params)
+            ups.append(updates)
+            params = tuple(p + u for p, u in zip(params, updates))
+        return params, state, ups
+
+    try:
+        params, state, ups = run(pop)
+        for m in range(2):
+            cut = member_state(state, params, m)
+            _, alone, alone_ups = run(pop, m)
+            same_updates = all(
+                _same(tuple(u[m : m + 1] for u in us), a) for us, a in zip(ups, alone_ups)
+            )
+            if not same_updates:
+                return "its population members are not independent runs"
+            if not _same(cut, alone):
+                return "member_state does not cut its state into one member's"
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -252,6 +323,72 @@ def _analysis_entry(a: AnalysisProtocol, optimizee: Optimizee) -> dict[str, Any]
     }
 
 
+def run_info(s: OptimizerSpec, lr: float | None, seed: int, optimizee: Optimizee) -> dict:
+    """What identifies a run: its hyperparameters in TensorBoard and its record."""
+    return {
+        "optimizer": s.label,
+        "kind": s.kind,
+        "lr": f"{lr:g}" if lr is not None else s.lr_text,
+        "seed": seed,
+        "checkpoint": s.info.get("checkpoint", ""),
+        "optimizee": optimizee.name,
+    }
+
+
+def _population_device(base: dict[str, Any]) -> str:
+    """The Trainer's device choice for a population run: CUDA if asked for (or ``auto``) and
+    present, else the CPU."""
+    cuda = base.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "cuda" if cuda else "cpu"
+
+
+def run_population(
+    s: OptimizerSpec,
+    opt: Optimizer,
+    lr: float | None,
+    optimizee: Optimizee,
+    dm,
+    folder: Path,
+    manifest: dict[str, Any],
+    layout: dict,
+    analyses: list[AnalysisProtocol],
+    steps: int,
+    seeds: int,
+    eval_every: int,
+    device: str,
+) -> None:
+    """Every seed of ``s`` as one population run (``l2o.population.run_seeds``), written as the
+    per-seed ``Trainer.test`` runs write them: the same run folders, records, TensorBoard tags,
+    manifest entries, divergence messages and mean run."""
+    logs = []
+    for seed in range(seeds):
+        tb = TensorBoardLogger(
+            folder, name=s.label, version=f"seed_{seed}", default_hp_metric=False, flush_secs=5
+        )
+        tb.experiment.add_custom_scalars(layout)
+        logs.append([tb, RecordLogger(folder / s.label / f"seed_{seed}")])
+    data = MetaTestData.of(dm, steps)
+    runs = run_seeds(opt, optimizee, data, range(seeds), steps, eval_every, analyses, logs, device)
+    for seed, (run, loggers) in enumerate(zip(runs, logs)):
+        if run.diverged_at is not None:  # MetaTestSystem._diverge's message
+            print(f"{s.label} seed {seed}: diverged at step {run.diverged_at} (a non-finite loss "
+                  "or update); kept as a result, with loss = inf from this step on")  # fmt: skip
+        log_seed_run(run, loggers, opt, run_info(s, lr, seed, optimizee))
+        loggers[0].experiment.flush()
+        manifest["runs"].append(
+            {
+                "label": s.label,
+                "seed": seed,
+                "dir": f"{s.label}/seed_{seed}",
+                "status": "complete" if run.diverged_at is None else "diverged",
+                "diverged_at": run.diverged_at,
+            }
+        )
+    write_json(folder / MANIFEST, manifest)
+    dirs = [folder / s.label / f"seed_{k}" for k in range(seeds)]
+    write_mean_run(folder, s.label, dirs, layout)
+
+
 def run_experiment(
     specs: list[OptimizerSpec],
     optimizee: Optimizee,
@@ -271,9 +408,11 @@ def run_experiment(
     overwrite: bool = False,
     config_text: str | None = None,
     smoothing: float = 0.0,
+    vectorise_seeds: bool = False,
 ) -> dict[str, Any]:
     """Check, tune, run and summarise (see the module docstring). Returns the summary, also
-    written to ``out/name``."""
+    written to ``out/name``. ``vectorise_seeds``: each optimizer's seeds as one population run
+    (:func:`run_population`), where :func:`vectorisable` allows."""
     out, analyses = Path(out), list(analyses)
     report_steps = default_report_steps(steps) if report_steps is None else list(report_steps)
     tuned = [s for s in specs if s.tunable]
@@ -351,19 +490,30 @@ def run_experiment(
         jobs = [(s, seed) for s in specs if rates[s.label] is not None or not s.tunable
                 for seed in range(seeds)]  # fmt: skip
         base = {"accelerator": "auto", "devices": 1, **(trainer_kwargs or {})}
+        done: set[str] = set()
+        if vectorise_seeds:
+            device = _population_device(base)
+            for s in [s for s in specs if any(t is s for t, _ in jobs)]:
+                opt = s.build(rates[s.label])
+                why = vectorisable(opt, optimizee)
+                if why is not None:
+                    print(f"note: {s.label} runs its seeds one at a time ({why})")
+                    continue
+                first = next(i for i, (t, _) in enumerate(jobs, 1) if t is s)
+                print(f"[{first}-{first + seeds - 1}/{len(jobs)}] {s.label} seeds 0-{seeds - 1}: "
+                      f"{steps} steps on {optimizee.name} (one population run)")  # fmt: skip
+                run_population(
+                    s, opt, rates[s.label], optimizee, dm, folder, manifest, layout, analyses,
+                    steps, seeds, eval_every, device,
+                )  # fmt: skip
+                done.add(s.label)
         for i, (s, seed) in enumerate(jobs, 1):
+            if s.label in done:
+                continue
             print(f"[{i}/{len(jobs)}] {s.label} seed {seed}: {steps} steps on {optimizee.name}")
             run_dir = folder / s.label / f"seed_{seed}"
             opt = s.build(rates[s.label])
-            lr = rates[s.label]
-            info = {
-                "optimizer": s.label,
-                "kind": s.kind,
-                "lr": f"{lr:g}" if lr is not None else s.lr_text,
-                "seed": seed,
-                "checkpoint": s.info.get("checkpoint", ""),
-                "optimizee": optimizee.name,
-            }
+            info = run_info(s, rates[s.label], seed, optimizee)
             tb = TensorBoardLogger(
                 folder, name=s.label, version=f"seed_{seed}", default_hp_metric=False,
                 flush_secs=5,  # curves appear in a running TensorBoard within seconds

@@ -85,6 +85,15 @@ def init_optimizee(optimizee: Optimizee, seed: int, device=None) -> Params:
     return optimizee.init(1, seeded_generator(TEST_INIT, seed), device=device)
 
 
+def eval_point(optimizer: Optimizer, params: Params, state: State) -> Params:
+    """Where the held-out test loss and accuracy are taken: ``optimizer.eval_params(params,
+    state)`` for an optimizer that has it (schedule-free ones: x, the averaged point their
+    ``.eval()`` puts in the model, not y where the gradients are taken), else ``params``.
+    Training loss, accuracy and the analyses stay at ``params``, the training point."""
+    eval_params = getattr(optimizer, "eval_params", None)
+    return params if eval_params is None else tuple(eval_params(params, state))
+
+
 def _finite(tensors: Params) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -94,7 +103,8 @@ class MetaTestSystem(L.LightningModule):
 
     Logged (every logger, rank zero): ``meta_test/train_loss`` and ``meta_test/train_acc``
     every step, ``meta_test/test_loss`` and ``meta_test/test_acc`` every ``eval_every`` steps
-    and at the last, ``meta_test/lr`` at step 0 for optimizers with a learning rate,
+    and at the last (at :func:`eval_point`), ``meta_test/lr`` at step 0 for optimizers with a
+    learning rate,
     ``meta_test/diverged_at_step`` if the run diverges, and at the end ``run_info`` as the
     run's hyperparameters with its final loss and accuracy (TensorBoard's HParams tab).
 
@@ -184,10 +194,12 @@ class MetaTestSystem(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss and accuracy on the held-out test split (after this step's update)."""
+        """Loss and accuracy on the held-out test split (after this step's update), at the
+        optimizer's evaluation point (:func:`eval_point`)."""
         dm = self.trainer.datamodule
         x, y = dm.test_x.to(self.device), dm.test_y.to(self.device)
-        logits = self.optimizee.logits(self.params, x[None])[0]
+        params = eval_point(self.optimizer, self.params, self.opt_state)
+        logits = self.optimizee.logits(params, x[None])[0]
         self.test_accuracy.reset()
         self.test_accuracy.update(logits, y)
         loss = torch.nn.functional.cross_entropy(logits, y)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from l2o.data import MinibatchSampler, seeded_generator
 from l2o.inner import inner_step
-from l2o.meta_testing import DIVERGED_TAG, Snapshot, init_optimizee
+from l2o.meta_testing import DIVERGED_TAG, Snapshot, eval_point, init_optimizee
 from l2o.optimizees import Optimizee, Params
 from l2o.optimizers import Optimizer, State
 from l2o.symmetry import symmetry_metrics
@@ -225,7 +225,8 @@ class _SeedTrainer:
 # --------------------------------------------------------------------------- the run
 def _test_metrics(optimizee: Optimizee, params: Params, x: Tensor, y: Tensor):
     """Held-out loss and accuracy of every member, ``(P,)`` each (``MetaTestSystem.evaluate``
-    for all members: mean cross-entropy, micro accuracy)."""
+    for all members: mean cross-entropy, micro accuracy), at ``params`` (the caller passes
+    the optimizer's evaluation point, ``l2o.meta_testing.eval_point``)."""
     logits = optimizee.logits(params, x[None])  # (P, N, C): the test split shared by all
     pop = logits.shape[0]
     loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(pop), reduction="none")
@@ -342,7 +343,8 @@ def run_seeds(
         # a diverged member keeps its last finite params (as the one-seed run stops there)
         final = tuple(torch.where(_rows(alive, p), p, f) for p, f in zip(params, final))
         if k < len(test_steps) and step == test_steps[k]:
-            test_losses[k], test_accs[k] = _test_metrics(optimizee, params, test_x, test_y)
+            at = eval_point(optimizer, params, state)  # schedule-free: x, not y
+            test_losses[k], test_accs[k] = _test_metrics(optimizee, at, test_x, test_y)
             k += 1
 
     finite_np = finite.cpu().numpy()
