@@ -93,7 +93,8 @@ def test_evaluate_meta_tests_both_with_every_analysis(tmp_path, mnist_root, chec
             "4",
             # every analysis of configs/analyses.yaml, each at steps that fall in 6 steps
             "--every",
-            "{symmetry: 1, tail_index: 3, covariance: 3, update_hist: 3, update_ratio: 3}",
+            "{symmetry: 1, tail_index: 3, covariance: 3, update_hist: 3, update_ratio: 3,"
+            " step_length: 3}",
             "--covariance_samples",
             "64",
             "--out",
@@ -110,8 +111,15 @@ def test_evaluate_meta_tests_both_with_every_analysis(tmp_path, mnist_root, chec
     assert set(rows) == {"adam", "lstm", "mlp_lopt"}
     assert rows["lstm"]["checkpoint"] == lstm and rows["mlp_lopt"]["checkpoint"] == mlp
     analyses = {entry["class_path"].rsplit(".", 1)[-1] for entry in default_analyses()}
-    assert len(analyses) == 5  # a new analysis in configs/analyses.yaml: add its tags below
-    prefixes = ("symmetry/", "tail_index/", "covariance/", "update_hist/", "update_ratio/")
+    assert len(analyses) == 6  # a new analysis in configs/analyses.yaml: add its tags below
+    prefixes = (
+        "symmetry/",
+        "tail_index/",
+        "covariance/",
+        "update_hist/",
+        "update_ratio/",
+        "step_length/",
+    )
     for label in ("lstm", "mlp_lopt"):
         for seed in (0, 1):
             acc = EventAccumulator(str(tmp_path / "both" / label / f"seed_{seed}"))
