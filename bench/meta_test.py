@@ -46,6 +46,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from meta_train import cpu_flags  # noqa: E402  (bench/ is the script's folder: on sys.path)
 
 from l2o.data import MNISTDataModule  # noqa: E402
 from l2o.lstm import LSTMOptimizer  # noqa: E402
@@ -70,16 +71,6 @@ def optimizers() -> dict[str, object]:
         "lion": Lion(lr=1e-4),
         "lstm": LSTMOptimizer(),  # untrained, study size (20 hidden, 2 layers)
     }
-
-
-def cpu_flags() -> str:
-    """The SIMD flags that decide matmul speed (AVX2 vs AVX-512 machines differ 2-3x)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return platform.processor() or "unknown"
-    keep = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
-    return " ".join(f for f in keep if f in flags) or "no avx2"
 
 
 def cpu_model() -> str:
