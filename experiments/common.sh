@@ -5,7 +5,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-python}
 DATA_ROOT=${DATA_ROOT:-data/}
 FULL=${FULL:-0}
-if [[ $FULL == 1 ]]; then
+if [[ -n ${MAX_STEPS:-} ]]; then      # equal meta-steps per run, whatever the machine's load
+  TRAIN_BUDGET=(--trainer.max_steps "$MAX_STEPS")
+  EVAL_STEPS=${EVAL_STEPS:-1000}; EVAL_SEEDS=${EVAL_SEEDS:-3}
+elif [[ $FULL == 1 ]]; then
   TRAIN_BUDGET=()                      # the config's max_epochs (50)
   EVAL_STEPS=1000; EVAL_SEEDS=3
 else
