@@ -235,6 +235,8 @@ def evaluate_command(path: Path, model: MetaTrainingSystem, dm: MNISTDataModule)
     import yaml
 
     def family(spec: dict) -> tuple:
+        if "class_path" in spec:  # another optimizee class (eval_cnn.yaml's ConvOptimizee)
+            return (spec["class_path"], str(spec.get("init_args")))
         return (
             list(spec.get("sizes", [784, 20, 10])),
             spec.get("activation", "leaky_relu"),

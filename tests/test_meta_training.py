@@ -549,3 +549,29 @@ def test_an_epoch_of_skipped_updates_stops_with_a_clear_error(mnist_root):
         pytest.raises(MetaTrainingDiverged, match="every one of the 4"),
     ):
         trainer.fit(model, datamodule=dm)
+
+
+@pytest.mark.parametrize(
+    "optimizee, config",
+    [
+        ({"sizes": [784, 20, 10], "activation": "leaky_relu", "batchnorm": False},
+         "configs/eval_leaky_relu.yaml"),
+        ({"sizes": [784, 20, 10], "activation": "relu", "batchnorm": True},
+         "configs/eval_batchnorm_relu.yaml"),
+        ({"sizes": [784, 7, 10], "activation": "tanh", "batchnorm": False}, None),
+    ],
+)
+def test_next_command_names_the_eval_config_of_the_optimizee(optimizee, config):
+    # The config whose optimizee is the checkpoint's MLP; never a CNN config whose class_path
+    # spec has no `sizes` (it used to match the Leaky ReLU default through missing keys).
+    from types import SimpleNamespace
+
+    from train import evaluate_command
+
+    model = SimpleNamespace(hparams={"optimizee": optimizee})
+    cmd = evaluate_command(Path("run/best.ckpt"), model, SimpleNamespace(root="data/"))
+    if config is None:
+        assert "--config" not in cmd
+    else:
+        assert f"--config {config} " in cmd
+    assert cmd.endswith("--checkpoints '[run/best.ckpt]'")
