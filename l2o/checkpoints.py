@@ -17,7 +17,9 @@ a class is only ever imported when it is on the allow-list, never from a name fo
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import warnings
 import zipfile
 from pathlib import Path
@@ -69,22 +71,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, loaded with ``weights_only=True``. A missing file is
     a FileNotFoundError; an unreadable, truncated or foreign one a :class:`CheckpointError` that
     says which (and never suggests unsafe loading)."""
+    return read_checkpoint_bytes(path)[0]
+
+
+def read_checkpoint_bytes(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """:func:`read_checkpoint`, and the exact bytes it was loaded from.
+
+    The file is read once and unpickled from memory, so that a hash of the bytes names exactly
+    the weights that were loaded, even when the file is replaced meanwhile (a running
+    meta-training rewrites its ``last.ckpt`` at every epoch end and every few minutes).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():  # torch's note on pickle protocols of foreign files
-            warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"could not read {path}: {err.strerror or err}") from err
+    try:
+        with warnings.catch_warnings():  # torch's note on pickle protocols of foreign files
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # foreign bytes fail in many ways inside the unpickler
-        with open(path, "rb") as f:
-            is_zip = f.read(2) == b"PK"  # torch.save's format is a zip archive
+        is_zip = data[:2] == b"PK"  # torch.save's format is a zip archive
         if is_zip or isinstance(err, (zipfile.BadZipFile, EOFError)):
             raise CheckpointError(
                 f"could not read {path}: the file is truncated or corrupt "
-                f"({path.stat().st_size} bytes, its archive is unreadable: an interrupted copy "
+                f"({len(data)} bytes, its archive is unreadable: an interrupted copy "
                 "or save?). Use another checkpoint of the run."
             ) from err
         raise CheckpointError(
@@ -95,19 +108,36 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} holds a {type(ckpt).__name__}, not a checkpoint written by `train.py fit`"
         )
-    return ckpt
+    return ckpt, data
 
 
 def read_l2o_checkpoint(path: str | Path) -> dict[str, Any]:
     """:func:`read_checkpoint`, and it must be an l2o-dynamics meta-training checkpoint."""
-    ckpt = read_checkpoint(path)
+    return _read_l2o_checkpoint(path)[0]
+
+
+def _read_l2o_checkpoint(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    ckpt, data = read_checkpoint_bytes(path)
     if not isinstance(ckpt.get("l2o"), dict) or not isinstance(ckpt.get("state_dict"), dict):
         keys = sorted(map(str, ckpt))[:8]
         raise CheckpointError(
             f"{path} is not an l2o-dynamics learned-optimizer checkpoint (no 'l2o' entry; "
             f"found {keys}); use a checkpoint written by `python train.py fit`"
         )
-    return ckpt
+    return ckpt, data
+
+
+def checkpoint_identity(ckpt: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """What names the weights a checkpoint holds, whatever its path: the SHA-256 of its bytes,
+    and the meta-training epoch and step it was written at (None where the file has none).
+    Two experiments that name the same path can load different weights (``last.ckpt`` of a
+    meta-training that is still running); equal hashes say they did not."""
+    epoch, step = ckpt.get("epoch"), ckpt.get("global_step")
+    return {
+        "checkpoint_sha256": hashlib.sha256(data).hexdigest(),
+        "checkpoint_epoch": None if epoch is None else int(epoch),
+        "checkpoint_step": None if step is None else int(step),
+    }
 
 
 def learned_optimizer_spec(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -120,7 +150,14 @@ def learned_optimizer_spec(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def load_learned_optimizer(path: str | Path) -> tuple[nn.Module, Optimizee]:
     """(the learned optimizer in eval mode, the optimizee family it was meta-trained on)."""
-    ckpt = read_l2o_checkpoint(path)
+    net, optimizee, _ = load_identified(path)
+    return net, optimizee
+
+
+def load_identified(path: str | Path) -> tuple[nn.Module, Optimizee, dict[str, Any]]:
+    """:func:`load_learned_optimizer`, and the :func:`checkpoint_identity` of the very bytes
+    the weights came from."""
+    ckpt, data = _read_l2o_checkpoint(path)
     name, config = learned_optimizer_spec(ckpt)
     net = build_learned_optimizer(name, config)
     # "optimizer." in checkpoints written before the learned optimizer got its own name
@@ -137,7 +174,7 @@ def load_learned_optimizer(path: str | Path) -> tuple[nn.Module, Optimizee]:
         net.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit {name}({config}): {err}") from err
-    return net.eval(), build_optimizee(ckpt["l2o"]["optimizee"])
+    return net.eval(), build_optimizee(ckpt["l2o"]["optimizee"]), checkpoint_identity(ckpt, data)
 
 
 def find_checkpoint(run_root: str | Path, which: str = "best") -> Path:

@@ -145,6 +145,30 @@ def tune_lr(
     return (best if math.isfinite(scores[best]) else None), scores
 
 
+def checkpoint_note(s: OptimizerSpec) -> str:
+    """Which weights a learned optimizer's run uses: path, meta-training epoch and step, hash.
+
+    A ``last.ckpt`` is rewritten by its meta-training while that runs (every epoch end and
+    every ``--checkpoint_minutes``), so two experiments naming it can meta-test different
+    weights with nothing else differing; the note says so, and the hash (also in summary.json
+    and every run's hparams) tells such runs apart.
+    """
+    info = s.info
+    where = ", ".join(
+        f"{what} {info[key]}"
+        for what, key in (("epoch", "checkpoint_epoch"), ("meta-step", "checkpoint_step"))
+        if info.get(key) is not None
+    )
+    text = f"{s.label}: {info['checkpoint']} ({where + ', ' if where else ''}sha256 "
+    text += f"{info['checkpoint_sha256'][:12]})"
+    if Path(info["checkpoint"]).name == "last.ckpt":
+        text += (
+            "; last.ckpt is rewritten while its meta-training runs: to meta-test these weights "
+            "again, copy the file or use a best-*.ckpt (its name fixes its step)"
+        )
+    return text
+
+
 # ----------------------------------------------------------------------------- population runs
 def _same(a: Any, b: Any) -> bool:
     """Two optimizer states equal in structure, tensors to float rounding."""
@@ -331,6 +355,8 @@ def run_info(s: OptimizerSpec, lr: float | None, seed: int, optimizee: Optimizee
         "lr": f"{lr:g}" if lr is not None else s.lr_text,
         "seed": seed,
         "checkpoint": s.info.get("checkpoint", ""),
+        # the weights, not just the path (l2o.checkpoints.checkpoint_identity)
+        "checkpoint_sha256": s.info.get("checkpoint_sha256", ""),
         "optimizee": optimizee.name,
     }
 
@@ -429,6 +455,8 @@ def run_experiment(
     optimizee.check_input(dm.num_features)
     check_analyses(analyses, MetaTestData.of(dm, steps))
     for s in specs:
+        if s.info.get("checkpoint_sha256"):
+            print(checkpoint_note(s))
         trained_on = s.info.get("trained_on")
         if trained_on and trained_on != optimizee.name:
             print(f"note: {s.label} was meta-trained on {trained_on}; testing it on "

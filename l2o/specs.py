@@ -9,7 +9,7 @@ A spec is a mapping from ``--optimizers`` (or a checkpoint path from ``--checkpo
 
 Every spec becomes an :class:`OptimizerSpec`; nothing downstream asks which kind it is: it asks
 ``spec.tunable`` and calls ``spec.build(lr)``. A learned optimizer is just an optimizer built
-from a checkpoint, loaded once here through ``l2o.checkpoints.load_learned_optimizer`` (the one
+from a checkpoint, loaded once here through ``l2o.checkpoints.load_identified`` (the one
 loader, whatever learned-optimizer class the checkpoint holds) and shared by every run (the
 protocol's functions are pure: a run's state lives in the run).
 
@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from l2o.checkpoints import load_learned_optimizer
+from l2o.checkpoints import load_identified
 from l2o.optimizees import Optimizee
 from l2o.optimizers import BASELINES, Optimizer, make_baseline
 from l2o.torch_adapter import ByNdim, make_torch_optimizer
@@ -150,9 +150,11 @@ def parse_spec(spec: dict[str, Any], grid: list[float], loaded: dict[str, Any]) 
             )
         path = str(path)
         if path not in loaded:  # each checkpoint is read once per experiment
-            loaded[path] = load_learned_optimizer(path)
-        net, trained_on = loaded[path]
-        info = {"checkpoint": path, "trained_on": trained_on.name}
+            loaded[path] = load_identified(path)
+        net, trained_on, identity = loaded[path]
+        # The path alone does not name the weights (a running meta-training rewrites its
+        # last.ckpt): the hash of the bytes loaded does, in the summary and every run's hparams.
+        info = {"checkpoint": path, "trained_on": trained_on.name, **identity}
         return LearnedSpec(label, "learned", None, False, info, net, trained_on)
     if name not in BASELINES:
         raise ValueError(
