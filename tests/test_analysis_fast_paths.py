@@ -79,3 +79,72 @@ def test_tail_alphas_raise_as_noise_alphas():
         tail_alphas(noise, SIZES)
     with pytest.raises(ValueError, match="sum to D"):
         tail_alphas(torch.ones(39, 10), [5, 4])
+
+
+# --------------------------------------------------------------------------- covariance
+def _covariance_case(opt_name: str, batchnorm: bool = False, n: int = 600, seed: int = 0):
+    """A 40-12-5 MLP (D = 557) at random params, N samples whose inputs are a third blank
+    (zero per-sample gradient coordinates), and an optimizer with a non-trivial state."""
+    from l2o.lstm import LSTMOptimizer
+    from l2o.optimizees import MLPOptimizee
+    from l2o.optimizers import SGD, Adam
+
+    torch.manual_seed(seed)
+    optimizee = MLPOptimizee((40, 12, 5), activation="leaky_relu", batchnorm=batchnorm)
+    params = optimizee.init(generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(n, 40, generator=gen) * (torch.rand(n, 40, generator=gen) > 0.33)
+    x[:, :5] = 0  # blank in every sample
+    y = torch.randint(0, 5, (n,), generator=gen)
+    opt = {"sgd": SGD(lr=0.1, momentum=0.9), "adam": Adam(lr=1e-3), "lstm": LSTMOptimizer()}[
+        opt_name
+    ]
+    state = opt.init_state(params)
+    for _ in range(2):  # a state past its initial zeros
+        step = tuple(torch.randn_like(p) * 0.1 for p in params)
+        _, state = opt.update(step, state, params)
+    return optimizee, opt, state, params, x, y
+
+
+@pytest.mark.parametrize("method", ["auto", "lanczos", "gram"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "lstm"])
+def test_covariance_analysis_equals_the_old_one(opt_name, method):
+    from l2o.covariance import covariance_analysis, per_sample_grads
+    from tests import old_covariance as old_cov
+
+    case = _covariance_case(opt_name)
+    want = old_cov.covariance_analysis(*case, method=method)
+    got = covariance_analysis(*case, method=method)
+    # the callback's way: per-sample gradients from the step's cache, a buffer kept between
+    # steps (here dirty from a call at other params, which must not leak into this one)
+    workspace: dict = {}
+    other = _covariance_case(opt_name, seed=5)
+    covariance_analysis(*other, method=method, workspace=workspace)
+    optimizee, _, _, params, x, y = case
+    g = per_sample_grads(optimizee, params, x, y)
+    kept = tuple(t.clone() for t in g)
+    cached = covariance_analysis(*case, method=method, per_sample=g, workspace=workspace)
+    for t, k in zip(g, kept):
+        assert torch.equal(t, k)  # the cached gradients are only read
+    for res in (got, cached):
+        assert res.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert res[key] == pytest.approx(value, rel=REL), key
+            else:
+                assert res[key] == value, key
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "lstm"])
+def test_minibatch_and_batchnorm_covariance_equal_the_old_ones(opt_name):
+    from l2o.covariance import covariance_analysis
+    from tests import old_covariance as old_cov
+
+    for kwargs, case in (
+        ({"mode": "minibatch", "batch_size": 32}, _covariance_case(opt_name)),
+        ({}, _covariance_case(opt_name, batchnorm=True, n=96)),
+    ):
+        want = old_cov.covariance_analysis(*case, method="lanczos", **kwargs)
+        got = covariance_analysis(*case, method="lanczos", **kwargs)
+        for key in ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace"):
+            assert got[key] == pytest.approx(want[key], rel=REL), key
