@@ -28,7 +28,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from l2o.optimizees import Optimizee, Params, grads_of
-from l2o.optimizers import Optimizer, State, replay
+from l2o.optimizers import ROW_BUDGET, Optimizer, State, replay
 
 # The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
 # samples Lanczos wins (at N = 1,024 about 2x: README, "Benchmarks", bench/analysis.py).
@@ -278,16 +278,47 @@ def covariance_analysis(
         g = per_sample
         if g is None:
             g = per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
-        u = replay(opt, g, state, params, chunk_size=chunk_size)
         # One (N, D) buffer for both: the gradients' rows, centred, then the updates'.
         rows = centred_rows(g, full_grad, workspace.get("rows"))
-        del g  # the caller's cache may keep its copy
         grad_cov = _spectrum(rows, method)
-        rows = centred_rows(u, full_update, rows)
-        del u
+        rows = replay_rows(opt, g, state, params, full_update, rows, chunk_size)
+        del g  # the caller's cache may keep its copy
         upd_cov = _spectrum(rows, method)
         workspace["rows"] = rows
     return _result(upd_cov, grad_cov, mode)
+
+
+def replay_rows(
+    opt: Optimizer,
+    grads: Params,
+    state: State,
+    params: Params,
+    center: Params,
+    out: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``centred_rows(replay(opt, grads, state, params, chunk_size), center, out)``.
+
+    Without an optimizer's own ``replay``, the chunks of ``l2o.optimizers.chunked_replay``
+    (the same ``opt.update`` calls) are centred straight into ``out``: no (N, D) update tensor
+    and no concatenation of the chunks.
+    """
+    if getattr(opt, "replay", None) is not None:
+        return centred_rows(replay(opt, grads, state, params, chunk_size), center, out)
+    n = grads[0].shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, ROW_BUDGET // max(1, sum(g[0].numel() for g in grads)))
+    chunk = max(1, chunk_size)
+    for start in range(0, n, chunk):
+        part = tuple(g[start : start + chunk] for g in grads)
+        updates = opt.update(part, state, params)[0]
+        if start == 0:  # the buffer as centred_rows would take it, for all N rows
+            dim = sum(u[0].numel() for u in updates)
+            like = (n, dim, updates[0].dtype, updates[0].device)
+            if out is None or (*out.shape, out.dtype, out.device) != like:
+                out = torch.empty(n, dim, dtype=like[2], device=like[3])
+        centred_rows(updates, center, out[start : start + chunk])
+    return out
 
 
 def batchnorm_chunk(n: int) -> int:

@@ -39,11 +39,10 @@ STATISTICS = ("pooled", "robust", "standardized", "zero_fraction", "atom_fractio
 
 def block_size(k: int) -> int:
     """Largest divisor of k not above sqrt(k) (1 when k is prime)."""
-    m = 1
-    for i in range(2, math.isqrt(k) + 1):
+    for i in range(math.isqrt(k), 1, -1):  # from the top: the first divisor is the largest
         if k % i == 0:
-            m = i
-    return m
+            return i
+    return 1
 
 
 def alpha_estimate(x: Tensor) -> float:
