@@ -65,7 +65,7 @@ def alpha_estimate(x: Tensor) -> float:
     return _alpha_of(x, mags, k)
 
 
-def _alpha_of(x: Tensor, mags: Tensor, k: int, log_mags: Tensor | None = None) -> float:
+def _alpha_of(x: Tensor, mags: Tensor | None, k: int, log_mags: Tensor | None = None) -> float:
     """``alpha_estimate`` past its checks: ``mags`` are the samples' magnitudes and, where
     given, ``log_mags`` their ``log(mags + eps)`` (shared by estimates on the same values)."""
     m = block_size(k)
@@ -81,15 +81,15 @@ def _alpha_of(x: Tensor, mags: Tensor, k: int, log_mags: Tensor | None = None) -
     return math.inf if inv_alpha == 0 else 1.0 / inv_alpha
 
 
-def _scalar_alpha(x: Tensor, log_mags: Tensor) -> float:
-    """``alpha_estimate`` of float64 ``(K,)`` samples whose ``log(|x| + eps)`` is known."""
+def _scalar_alpha(x: Tensor, log_mags: Tensor, nonzero: int) -> float:
+    """``alpha_estimate`` of float64 ``(K,)`` finite samples, ``nonzero`` of them nonzero,
+    whose ``log(|x| + eps)`` is known (no pass over the samples for the checks)."""
     k = x.shape[0]
     if k < MIN_SAMPLES:
         raise ValueError(f"need at least {MIN_SAMPLES} samples for a tail index, got {k}")
-    mags = x.abs()
-    if int((mags > 0).sum()) < MIN_SAMPLES:
+    if nonzero < MIN_SAMPLES:
         raise ValueError(f"need at least {MIN_SAMPLES} nonzero samples for a tail index")
-    return _alpha_of(x, mags, k, log_mags)
+    return _alpha_of(x, None, k, log_mags)
 
 
 def symmetric_stable(
@@ -374,8 +374,8 @@ def _alphas(
             "atom_fraction": 1.0 - float(continuous[cols].double().mean()) if width else math.nan,
         }
         try:
-            out["pooled"] = _scalar_alpha(flat, flat_logs)
-            out["robust"] = _scalar_alpha(nonzero, flat_logs[keep])
+            out["pooled"] = _scalar_alpha(flat, flat_logs, nonzero.numel())
+            out["robust"] = _scalar_alpha(nonzero, flat_logs[keep], nonzero.numel())
         except ValueError:
             if not safe:
                 raise
