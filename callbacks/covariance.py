@@ -6,9 +6,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.base import Analysis
+from callbacks.base import Analysis, per_sample_grads_cached
 from l2o.analysis import Column, FigureSpec, Panel
-from l2o.covariance import MODES, covariance_analysis
+from l2o.covariance import MODES, batchnorm_chunk, covariance_analysis
 from l2o.meta_testing import Snapshot
 from l2o.optimizees import Optimizee
 
@@ -78,6 +78,7 @@ class UpdateCovariance(Analysis):
         self.chunk_size, self.method = chunk_size, method
         self.covariance_mode = covariance_mode
         self._cache: tuple[str, tuple[Tensor, Tensor]] | None = None
+        self._workspace: dict = {}  # covariance_analysis's (N, D) buffer, kept between steps
 
     def scalar_tags(self, optimizee: Optimizee) -> list[str]:
         return [f"covariance/{k}/{s}" for k in ("update", "grad") for s in STATISTICS]
@@ -103,6 +104,7 @@ class UpdateCovariance(Analysis):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._cache = None
+        self._workspace = {}
 
     def charts(self, optimizee: Optimizee) -> dict[str, list[str]]:
         # Update and gradient covariances have different units: separate charts.
@@ -153,6 +155,14 @@ class UpdateCovariance(Analysis):
 
     def compute(self, snapshot: Snapshot, trainer: L.Trainer) -> dict[str, float]:
         x, y = self.analysis_set(trainer, snapshot.params[0].device)
+        per_sample = None
+        if self.covariance_mode == "per_sample":
+            # Through the step's cache: another analysis of these samples reuses them.
+            chunk = self.chunk_size
+            if chunk is None and snapshot.optimizee.batchnorm:
+                chunk = batchnorm_chunk(len(x))
+            key = ("train", len(x), self.seed)
+            per_sample = per_sample_grads_cached(snapshot, key, x, y, chunk)
         res = covariance_analysis(
             snapshot.optimizee,
             snapshot.optimizer,
@@ -164,6 +174,8 @@ class UpdateCovariance(Analysis):
             method=self.method,
             mode=self.covariance_mode,
             batch_size=snapshot.x.shape[1],
+            per_sample=per_sample,
+            workspace=self._workspace,
         )
         return {
             f"covariance/{k}/{s}": float(res[f"{k}_{s}"])

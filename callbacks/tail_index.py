@@ -15,7 +15,7 @@ from l2o.covariance import minibatch_grads
 from l2o.meta_testing import Snapshot
 from l2o.optimizees import Optimizee
 from l2o.optimizers import replay
-from l2o.tail_index import STATISTICS, layer_alphas, noise_alphas
+from l2o.tail_index import STATISTICS, layer_alphas, noise_alphas, tail_alphas
 
 __all__ = ["CENTERS", "TailIndex", "minibatch_grads", "tensor_names"]
 
@@ -242,8 +242,12 @@ class TailIndex(Analysis):
         sizes = [p[0].numel() for p in params]
         out: dict[str, float] = {}
         for kind, rows in noise.items():
+            layers = None
             try:
-                alphas = noise_alphas(rows)
+                if self.per_layer:  # one pass for both: they share logs and per-coordinate terms
+                    alphas, layers = tail_alphas(rows, sizes)
+                else:
+                    alphas = noise_alphas(rows)
             except ValueError as err:
                 warnings.warn(
                     f"TailIndex: no {kind} tail index at step {snapshot.step} ({err}); logging NaN",
@@ -254,10 +258,11 @@ class TailIndex(Analysis):
             for stat in STATISTICS:
                 out[f"tail_index/{kind}/{stat}"] = float(alphas[stat])
             if self.per_layer:
-                try:
-                    layers = layer_alphas(rows, sizes)
-                except ValueError:  # non-finite noise (warned above): no estimate anywhere
-                    layers = [dict.fromkeys(LAYER_STATISTICS, math.nan) for _ in names]
+                if layers is None:  # the whole's estimate failed: each tensor on its own
+                    try:
+                        layers = layer_alphas(rows, sizes)
+                    except ValueError:  # non-finite noise (warned above): no estimate anywhere
+                        layers = [dict.fromkeys(LAYER_STATISTICS, math.nan) for _ in names]
                 for name, layer in zip(names, layers, strict=True):
                     for stat in LAYER_STATISTICS:
                         out[f"tail_index/{kind}/{stat}/{name}"] = float(layer[stat])

@@ -28,7 +28,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from l2o.optimizees import Optimizee, Params, grads_of
-from l2o.optimizers import Optimizer, State, replay
+from l2o.optimizers import ROW_BUDGET, Optimizer, State, replay
 
 # The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
 # samples Lanczos wins (at N = 1,024 about 2x: README, "Benchmarks", bench/analysis.py).
@@ -128,9 +128,15 @@ def update_covariance(
     c = a.mean(0) if center is None else center.reshape(-1).to(a.dtype)
     if c.numel() != dim:
         raise ValueError(f"center has {c.numel()} entries, updates have {dim} per sample")
-    a = a - c  # a copy: the caller's updates stay intact
-    # Trace = ||A||_F^2 / N, accumulated in float64 a block of rows at a time (no big upcast).
-    step = max(1, 2**22 // max(1, dim))
+    return _spectrum(a - c, method, gram_max_n)  # a copy: the caller's updates stay intact
+
+
+def _spectrum(a: Tensor, method: str = "auto", gram_max_n: int = GRAM_MAX_N) -> dict:
+    """:func:`update_covariance` of the rows ``a`` (N, D), already centred."""
+    n, dim = a.shape
+    # Trace = ||A||_F^2 / N, accumulated in float64 a block of rows at a time (no big upcast:
+    # blocks of ~2 MB, small enough for the allocator to reuse, not map, their memory).
+    step = max(1, 2**18 // max(1, dim))
     trace = sum(float(a[s : s + step].double().square().sum()) for s in range(0, n, step)) / n
     if method == "auto":
         method = "gram" if n <= gram_max_n else "lanczos"
@@ -143,6 +149,12 @@ def update_covariance(
     else:
         top = _lanczos_top(a)
     return {"top_eig": top, "trace": trace, "method": method, "num_samples": n, "dim": dim}
+
+
+# Lanczos vectors ARPACK keeps (its ncv). Its default, 20 for one eigenvalue, spends 21 matvecs
+# where 8 converge to the same tolerance in 9 on the study's covariances (the top eigenvalue is
+# well separated: lambda_2 / lambda_1 ~ 0.06-0.23); a smaller gap restarts, still converging.
+LANCZOS_NCV = 8
 
 
 def _lanczos_top(a: Tensor) -> float:
@@ -166,7 +178,8 @@ def _lanczos_top(a: Tensor) -> float:
 
     op = LinearOperator((size, size), matvec=matvec, dtype=dtype)
     v0 = np.random.default_rng(0).standard_normal(size).astype(dtype)  # reproducible start
-    vals = eigsh(op, k=1, which="LA", v0=v0, return_eigenvectors=False)
+    ncv = min(LANCZOS_NCV, size)
+    vals = eigsh(op, k=1, which="LA", v0=v0, ncv=ncv, return_eigenvectors=False)
     return float(vals[0])
 
 
@@ -175,6 +188,29 @@ def flatten(tensors: Params) -> Tensor:
     """(N, *shape_k) tensors -> (N, D), coordinates in parameter order."""
     n = tensors[0].shape[0]
     return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
+
+
+def centred_rows(tensors: Params, center: Params, out: Tensor | None = None) -> Tensor:
+    """``flatten(tensors) - flatten(center)`` (center: one ``(1, *shape_k)`` or ``(*shape_k)``
+    tensor per ``tensors``' ``(N, *shape_k)``), written tensor by tensor into ``out`` (N, D)
+    when its shape, dtype and device fit, else into a new tensor.
+
+    The same float arithmetic as flattening then subtracting, in one pass and without the
+    intermediate copy: for N = 1,024 per-sample gradients of the 784-20-10 MLP each (N, D)
+    copy is 65 MB, and a fresh allocation of that size costs more in page faults than the
+    subtraction itself (~8x on the study's CPU), so callers keep ``out`` between steps.
+    """
+    n = tensors[0].shape[0]
+    sizes = [t[0].numel() for t in tensors]
+    dim, dtype, device = sum(sizes), tensors[0].dtype, tensors[0].device
+    if out is None or out.shape != (n, dim) or out.dtype != dtype or out.device != device:
+        out = torch.empty(n, dim, dtype=dtype, device=device)
+    start = 0
+    for t, c, size in zip(tensors, center, sizes, strict=True):
+        c = c.reshape(1, size).to(dtype)
+        torch.sub(t.reshape(n, size), c, out=out[:, start : start + size])
+        start += size
+    return out
 
 
 MODES = ("per_sample", "minibatch")
@@ -191,6 +227,8 @@ def covariance_analysis(
     method: str = "auto",
     mode: str = "per_sample",
     batch_size: int | None = None,
+    per_sample: Params | None = None,
+    workspace: dict | None = None,
 ) -> dict:
     """Covariance spectra of per-sample (or minibatch) updates and gradients at one step.
 
@@ -204,6 +242,11 @@ def covariance_analysis(
             ``N // batch_size * batch_size`` samples cut, in order, into disjoint minibatches of
             ``batch_size``, one gradient per minibatch's mean loss; at least 2 minibatches).
         batch_size: B of ``minibatch`` mode (required there, ignored otherwise).
+        per_sample: the per-sample gradients of ``x``, ``y`` at ``params`` where the caller
+            has them (``callbacks.base.per_sample_grads_cached``; only read); ``per_sample``
+            mode only.
+        workspace: a dict the caller keeps between calls: the (N, D) rows are written into
+            the buffer it holds (a fresh 65 MB tensor per step costs more than its arithmetic).
 
     The state is only read. Updates are centred on the update of the full-batch gradient under
     the same state, gradients on the full-batch gradient. In ``minibatch`` mode the full-batch
@@ -227,20 +270,61 @@ def covariance_analysis(
         )
     n = x.shape[1]
     if optimizee.batchnorm and chunk_size is None:
-        chunk_size = max(1, 2**16 // n)  # jacrev's vmapped backward holds ~chunk x batch temps
+        chunk_size = batchnorm_chunk(n)
+    workspace = {} if workspace is None else workspace
     with torch.no_grad():
         _, full_grad = grads_of(optimizee.loss, params, x, y)
         full_update, _ = opt.update(full_grad, state, params)  # new state discarded
-        g = per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
-        u = replay(opt, g, state, params, chunk_size=chunk_size)
-        g_flat = flatten(g)
-        del g  # keep one copy of the N x D gradients
-        u_flat = flatten(u)
-        del u
-        grad_cov = update_covariance(g_flat, flatten(full_grad)[0], method)
-        del g_flat
-        upd_cov = update_covariance(u_flat, flatten(full_update)[0], method)
+        g = per_sample
+        if g is None:
+            g = per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
+        # One (N, D) buffer for both: the gradients' rows, centred, then the updates'.
+        rows = centred_rows(g, full_grad, workspace.get("rows"))
+        grad_cov = _spectrum(rows, method)
+        rows = replay_rows(opt, g, state, params, full_update, rows, chunk_size)
+        del g  # the caller's cache may keep its copy
+        upd_cov = _spectrum(rows, method)
+        workspace["rows"] = rows
     return _result(upd_cov, grad_cov, mode)
+
+
+def replay_rows(
+    opt: Optimizer,
+    grads: Params,
+    state: State,
+    params: Params,
+    center: Params,
+    out: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``centred_rows(replay(opt, grads, state, params, chunk_size), center, out)``.
+
+    Without an optimizer's own ``replay``, the chunks of ``l2o.optimizers.chunked_replay``
+    (the same ``opt.update`` calls) are centred straight into ``out``: no (N, D) update tensor
+    and no concatenation of the chunks.
+    """
+    if getattr(opt, "replay", None) is not None:
+        return centred_rows(replay(opt, grads, state, params, chunk_size), center, out)
+    n = grads[0].shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, ROW_BUDGET // max(1, sum(g[0].numel() for g in grads)))
+    chunk = max(1, chunk_size)
+    for start in range(0, n, chunk):
+        part = tuple(g[start : start + chunk] for g in grads)
+        updates = opt.update(part, state, params)[0]
+        if start == 0:  # the buffer as centred_rows would take it, for all N rows
+            dim = sum(u[0].numel() for u in updates)
+            like = (n, dim, updates[0].dtype, updates[0].device)
+            if out is None or (*out.shape, out.dtype, out.device) != like:
+                out = torch.empty(n, dim, dtype=like[2], device=like[3])
+        centred_rows(updates, center, out[start : start + chunk])
+    return out
+
+
+def batchnorm_chunk(n: int) -> int:
+    """Default samples per vectorized call with BatchNorm: jacrev's vmapped backward holds
+    ~chunk x batch temporaries."""
+    return max(1, 2**16 // n)
 
 
 def _minibatch_covariance(optimizee, opt, state, params, x, y, chunk_size, method, batch_size):

@@ -137,9 +137,15 @@ def _replay_nonzero(flat: Tensor, out: Tensor, replay_columns) -> None:
     heights = counts[order]
     width = int((heights > 0).sum())  # columns past this one hold no nonzero
     heights = heights[:width].tolist()
+    # Flat indices: 1-D index_select / index_copy_ move the values ~2-3x faster than indexing
+    # with two index tensors (~3 M values per 1,024 MNIST samples).
+    src = sample * coords + coord
+    dst = slot * width + col
+    del sample, coord, slot, col
     packed = flat.new_zeros(heights[0], width)
-    packed[slot, col] = flat[sample, coord]
-    out[sample, coord] = replay_columns(packed, order[:width], heights)[slot, col]
+    packed.view(-1).index_copy_(0, dst, flat.reshape(-1).index_select(0, src))
+    updates = replay_columns(packed, order[:width], heights)
+    out.view(-1).index_copy_(0, src, updates.view(-1).index_select(0, dst))
 
 
 def _lstm_rows(

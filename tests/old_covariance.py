@@ -1,0 +1,282 @@
+"""Per-sample gradients, per-sample updates and the spectrum of their covariance.
+
+The analysis asks how the optimizer reshapes minibatch noise: with per-sample gradients g_i and
+the optimizer's per-sample updates u_i = U(g_i; state) (replayed against the *current* state,
+which is not advanced), it compares
+
+    K_update = 1/N sum_i (u_i - U(g; state)) (u_i - U(g; state))^T     (g: full-batch gradient)
+    K_grad   = 1/N sum_i (g_i - g) (g_i - g)^T
+
+through their top eigenvalue and trace. The update covariance is centred on the update of the
+full-batch gradient, not on the mean of the u_i: the optimizer is nonlinear, so the two differ.
+
+``mode="minibatch"`` is the study's definition instead: the samples are cut into disjoint
+minibatches of B, and g_i, u_i are the gradient of each minibatch's mean loss and its update
+(g: their mean). Without BatchNorm the minibatch gradient covariance is the per-sample one of
+the same samples divided by B (up to the sample-to-sample spread); nonlinear optimizers do not
+scale that way, which is why both are available.
+
+D (15,910 for the 784-20-10 MLP) is too large for a D x D matrix, so the spectrum comes from the
+N x N Gram matrix (small N) or from matrix-free Lanczos (large N); neither forms K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor
+
+from l2o.optimizees import Optimizee, Params, grads_of
+from l2o.optimizers import Optimizer, State, replay
+
+# The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
+# samples Lanczos wins (at N = 1,024 about 2x: README, "Benchmarks", bench/analysis.py).
+GRAM_MAX_N = 512
+
+
+# --------------------------------------------------------------------------- per-sample grads
+def per_sample_grads(
+    optimizee: Optimizee, params: Params, x: Tensor, y: Tensor, chunk_size: int | None = None
+) -> Params:
+    """Gradient of each sample's loss, each tensor shaped (N, P, *shape).
+
+    Args:
+        params: the optimizee's parameters, leading population dim P.
+        x: (N, in), shared by the population, or (P, N, in).
+        y: (N,) or (P, N).
+        chunk_size: samples per vectorized call (bounds memory); None does all at once.
+
+    Without BatchNorm a sample's loss depends on that sample only, so ``vmap(grad)`` over single
+    samples is exact and cheap. With BatchNorm the batch statistics couple the samples: a batch
+    of one would be wrong, so each sample's gradient is taken inside the full batch, as the
+    Jacobian of the per-sample loss vector (one vector-Jacobian product per sample, vmapped).
+    Either way, the mean over samples is the gradient of the batch's mean loss.
+    """
+    pop = params[0].shape[0]
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(pop, -1, -1)
+    if y.dim() == 1:
+        y = y.unsqueeze(0).expand(pop, -1)
+    params = tuple(p.detach() for p in params)
+
+    if optimizee.batchnorm:
+        # Summing over the population keeps each member's gradient separate (they share no
+        # parameters) and leaves one output per sample: the Jacobian is (N, P, *shape).
+        def batch_losses(ps: Params) -> Tensor:
+            return optimizee.losses(ps, x, y).sum(0)
+
+        return tuple(torch.func.jacrev(batch_losses, chunk_size=chunk_size)(params))
+
+    def sample_loss(ps: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        # xi (P, in), yi (P,): one sample per member, a batch of one.
+        return optimizee.losses(ps, xi.unsqueeze(-2), yi.unsqueeze(-1)).sum()
+
+    per_sample = torch.func.vmap(
+        torch.func.grad(sample_loss), in_dims=(None, 1, 1), chunk_size=chunk_size
+    )
+    return tuple(per_sample(params, x, y))
+
+
+def minibatch_grads(
+    optimizee: Optimizee,
+    params: Params,
+    xb: Tensor,
+    yb: Tensor,
+    chunk_size: int | None = None,
+) -> Params:
+    """Gradient of each minibatch's mean loss: ``xb (n, B, D), yb (n, B)`` -> tuple of ``(n, *p)``.
+
+    ``params`` are the meta-test optimizee's ``(1, ...)`` tensors. One vectorized call
+    (``torch.func.vmap`` of ``torch.func.grad`` over minibatches); with BatchNorm each minibatch
+    normalises with its own batch statistics, exactly as in the training step.
+    """
+    params = tuple(p.detach() for p in params)
+
+    def loss_of(ps: Params, x: Tensor, y: Tensor) -> Tensor:
+        return optimizee.loss(ps, x.unsqueeze(0), y.unsqueeze(0)).sum()
+
+    with torch.enable_grad():
+        grad_fn = torch.func.vmap(
+            torch.func.grad(loss_of), in_dims=(None, 0, 0), chunk_size=chunk_size
+        )
+        return tuple(g.detach() for g in grad_fn(params, xb, yb))
+
+
+# --------------------------------------------------------------------------- spectrum
+def update_covariance(
+    updates: Tensor,
+    center: Tensor | None = None,
+    method: str = "auto",
+    gram_max_n: int = GRAM_MAX_N,
+) -> dict:
+    """Top eigenvalue and trace of K = 1/N sum_i (u_i - center)(u_i - center)^T.
+
+    Args:
+        updates: (N, D), or (N, ...) flattened to that.
+        center: (D,) e.g. the full-batch update; None means the mean of the u_i.
+        method: ``gram`` (eigvalsh of the N x N matrix A A^T / N, exact), ``lanczos`` (ARPACK
+            on A^T A / N or A A^T / N, whichever side is smaller, matrix-free), or ``auto``:
+            gram when N <= gram_max_n, else lanczos.
+
+    Returns ``{"top_eig", "trace", "method", "num_samples", "dim"}``. K's nonzero eigenvalues
+    equal those of A A^T / N (A = rows u_i - center), so the D x D matrix is never formed.
+    """
+    n = updates.shape[0]
+    a = updates.detach().reshape(n, -1)
+    dim = a.shape[1]
+    c = a.mean(0) if center is None else center.reshape(-1).to(a.dtype)
+    if c.numel() != dim:
+        raise ValueError(f"center has {c.numel()} entries, updates have {dim} per sample")
+    a = a - c  # a copy: the caller's updates stay intact
+    # Trace = ||A||_F^2 / N, accumulated in float64 a block of rows at a time (no big upcast).
+    step = max(1, 2**22 // max(1, dim))
+    trace = sum(float(a[s : s + step].double().square().sum()) for s in range(0, n, step)) / n
+    if method == "auto":
+        method = "gram" if n <= gram_max_n else "lanczos"
+    if method not in ("gram", "lanczos"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'lanczos', got {method!r}")
+    if trace == 0.0:
+        top = 0.0
+    elif method == "gram" or min(n, dim) < 3:  # ARPACK needs k < size - 1
+        top = float(torch.linalg.eigvalsh((a @ a.t()).double() / n)[-1])
+    else:
+        top = _lanczos_top(a)
+    return {"top_eig": top, "trace": trace, "method": method, "num_samples": n, "dim": dim}
+
+
+def _lanczos_top(a: Tensor) -> float:
+    """Largest eigenvalue of A^T A / N by implicitly restarted Lanczos (ARPACK), matrix-free.
+
+    The operator works on the smaller side (R^N as A A^T / N, or R^D as A^T A / N): same nonzero
+    spectrum, shorter Lanczos vectors. Each matvec is two GEMVs in torch, in A's dtype.
+    """
+    n, dim = a.shape
+    size = min(n, dim)
+    dtype = np.float32 if a.dtype == torch.float32 else np.float64
+    work = a if a.dtype in (torch.float32, torch.float64) else a.double()
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(np.ascontiguousarray(v, dtype=dtype).reshape(-1)).to(work.device)
+        if n <= dim:
+            out = work @ (work.t() @ v)
+        else:
+            out = work.t() @ (work @ v)
+        return (out / n).cpu().numpy()
+
+    op = LinearOperator((size, size), matvec=matvec, dtype=dtype)
+    v0 = np.random.default_rng(0).standard_normal(size).astype(dtype)  # reproducible start
+    vals = eigsh(op, k=1, which="LA", v0=v0, return_eigenvectors=False)
+    return float(vals[0])
+
+
+# --------------------------------------------------------------------------- the analysis
+def flatten(tensors: Params) -> Tensor:
+    """(N, *shape_k) tensors -> (N, D), coordinates in parameter order."""
+    n = tensors[0].shape[0]
+    return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
+
+
+MODES = ("per_sample", "minibatch")
+
+
+def covariance_analysis(
+    optimizee: Optimizee,
+    opt: Optimizer,
+    state: State,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    mode: str = "per_sample",
+    batch_size: int | None = None,
+) -> dict:
+    """Covariance spectra of per-sample (or minibatch) updates and gradients at one step.
+
+    Args:
+        params: one optimizee (P = 1).
+        x, y: the samples, (N, in) and (N,) (or with the leading P = 1).
+        chunk_size: samples (minibatches) per vectorized call for the gradients and the
+            optimizer replay; None picks a memory-bounded default.
+        method: see :func:`update_covariance`.
+        mode: ``per_sample`` (one gradient per sample) or ``minibatch`` (the study's: the first
+            ``N // batch_size * batch_size`` samples cut, in order, into disjoint minibatches of
+            ``batch_size``, one gradient per minibatch's mean loss; at least 2 minibatches).
+        batch_size: B of ``minibatch`` mode (required there, ignored otherwise).
+
+    The state is only read. Updates are centred on the update of the full-batch gradient under
+    the same state, gradients on the full-batch gradient. In ``minibatch`` mode the full-batch
+    gradient is the mean of the minibatch gradients (with BatchNorm: of minibatches normalised
+    with their own statistics, as in training), and its update rides along in the same replay.
+    Returns ``update_top_eig``, ``update_trace``, ``grad_top_eig``, ``grad_trace``,
+    ``num_samples`` (covariance samples: N, or the number of minibatches), ``dim``, ``method``
+    and ``mode``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if params[0].shape[0] != 1:
+        raise ValueError(
+            f"covariance_analysis takes one optimizee (P = 1), got {params[0].shape[0]}"
+        )
+    x = x.reshape(1, *x.shape[-2:])
+    y = y.reshape(1, -1)
+    if mode == "minibatch":
+        return _minibatch_covariance(
+            optimizee, opt, state, params, x[0], y[0], chunk_size, method, batch_size
+        )
+    n = x.shape[1]
+    if optimizee.batchnorm and chunk_size is None:
+        chunk_size = max(1, 2**16 // n)  # jacrev's vmapped backward holds ~chunk x batch temps
+    with torch.no_grad():
+        _, full_grad = grads_of(optimizee.loss, params, x, y)
+        full_update, _ = opt.update(full_grad, state, params)  # new state discarded
+        g = per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
+        u = replay(opt, g, state, params, chunk_size=chunk_size)
+        g_flat = flatten(g)
+        del g  # keep one copy of the N x D gradients
+        u_flat = flatten(u)
+        del u
+        grad_cov = update_covariance(g_flat, flatten(full_grad)[0], method)
+        del g_flat
+        upd_cov = update_covariance(u_flat, flatten(full_update)[0], method)
+    return _result(upd_cov, grad_cov, mode)
+
+
+def _minibatch_covariance(optimizee, opt, state, params, x, y, chunk_size, method, batch_size):
+    if batch_size is None or batch_size < 1:
+        raise ValueError(f"mode='minibatch' needs batch_size >= 1, got {batch_size}")
+    n = x.shape[0] // batch_size
+    if n < 2:
+        raise ValueError(
+            f"mode='minibatch': {x.shape[0]} samples make {n} minibatch(es) of {batch_size}; "
+            "a covariance needs at least 2"
+        )
+    xb = x[: n * batch_size].reshape(n, batch_size, -1)
+    yb = y[: n * batch_size].reshape(n, batch_size)
+    with torch.no_grad():
+        g = minibatch_grads(optimizee, params, xb, yb, chunk_size)
+        full = tuple(t.mean(dim=0) for t in g)
+        # The full-batch gradient's update is the last row of one replay: every update takes
+        # the same arithmetic path (see callbacks.tail_index.TailIndex.compute).
+        both = tuple(torch.cat([t, f.unsqueeze(0)]) for t, f in zip(g, full))
+        u_flat = flatten(replay(opt, both, state, params, chunk_size=chunk_size))
+        g_flat = flatten(g)
+        del g
+        grad_cov = update_covariance(g_flat, flatten(full)[0], method)
+        del g_flat
+        upd_cov = update_covariance(u_flat[:-1], u_flat[-1], method)
+    return _result(upd_cov, grad_cov, "minibatch")
+
+
+def _result(upd_cov: dict, grad_cov: dict, mode: str) -> dict:
+    return {
+        "update_top_eig": upd_cov["top_eig"],
+        "update_trace": upd_cov["trace"],
+        "grad_top_eig": grad_cov["top_eig"],
+        "grad_trace": grad_cov["trace"],
+        "num_samples": upd_cov["num_samples"],
+        "dim": upd_cov["dim"],
+        "method": upd_cov["method"],
+        "mode": mode,
+    }
