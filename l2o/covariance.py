@@ -28,7 +28,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from l2o.optimizees import Optimizee, Params, grads_of
-from l2o.optimizers import ROW_BUDGET, Optimizer, State, replay
+from l2o.optimizers import Optimizer, State, replay, replay_chunks
 
 # The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
 # samples Lanczos wins (at N = 1,024 about 2x: README, "Benchmarks", bench/analysis.py).
@@ -306,18 +306,13 @@ def replay_rows(
     if getattr(opt, "replay", None) is not None:
         return centred_rows(replay(opt, grads, state, params, chunk_size), center, out)
     n = grads[0].shape[0]
-    if chunk_size is None:
-        chunk_size = max(1, ROW_BUDGET // max(1, sum(g[0].numel() for g in grads)))
-    chunk = max(1, chunk_size)
-    for start in range(0, n, chunk):
-        part = tuple(g[start : start + chunk] for g in grads)
-        updates = opt.update(part, state, params)[0]
+    for start, updates in replay_chunks(opt, grads, state, params, chunk_size):
         if start == 0:  # the buffer as centred_rows would take it, for all N rows
             dim = sum(u[0].numel() for u in updates)
             like = (n, dim, updates[0].dtype, updates[0].device)
             if out is None or (*out.shape, out.dtype, out.device) != like:
                 out = torch.empty(n, dim, dtype=like[2], device=like[3])
-        centred_rows(updates, center, out[start : start + chunk])
+        centred_rows(updates, center, out[start : start + updates[0].shape[0]])
     return out
 
 

@@ -19,6 +19,7 @@ numbers as ``update`` on a batch of gradients, computed faster by sharing what t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,18 +79,29 @@ def chunked_replay(
 
     ``chunk_size=None``: as many as ``ROW_BUDGET`` gradient coordinates allow.
     """
+    out = [updates for _, updates in replay_chunks(opt, grads, state, params, chunk_size)]
+    if len(out) == 1:
+        return out[0]
+    return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def replay_chunks(
+    opt: Optimizer,
+    grads: Params,
+    state: State,
+    params: Params | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[tuple[int, Params]]:
+    """``(start, updates)`` of each ``opt.update`` call of :func:`chunked_replay`: the updates
+    of ``grads[start : start + chunk]`` (for callers that consume chunks without a concat)."""
     n = grads[0].shape[0]
     if chunk_size is None:
         coords = sum(g[0].numel() for g in grads)
         chunk_size = max(1, ROW_BUDGET // max(1, coords))
     chunk = max(1, chunk_size)
-    out: list[Params] = []
     for start in range(0, n, chunk):
         part = tuple(g[start : start + chunk] for g in grads)
-        out.append(opt.update(part, state, params)[0])
-    if len(out) == 1:
-        return out[0]
-    return tuple(torch.cat(parts) for parts in zip(*out))
+        yield start, opt.update(part, state, params)[0]
 
 
 def _zeros(params: Params) -> Params:
