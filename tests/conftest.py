@@ -105,3 +105,20 @@ def assert_bit_identical(a: dict, b: dict) -> None:
             assert x.dtype == y.dtype and torch.equal(x, y), key
         else:
             assert x == y, key
+
+
+def save_learned_optimizer(path, net, class_path: str, optimizee: dict, **top) -> None:
+    """A checkpoint in train.py's layout (the learned-optimizer contract) holding ``net``;
+    ``top``: more top-level keys (``epoch``, ``global_step``)."""
+    torch.save(
+        {
+            **top,
+            "state_dict": {f"learned_optimizer.{k}": v for k, v in net.state_dict().items()},
+            "l2o": {
+                "learned_optimizer_class": class_path,
+                "learned_optimizer_config": net.config(),
+                "optimizee": optimizee,
+            },
+        },
+        path,
+    )

@@ -17,7 +17,7 @@ from l2o import LearnedOptimizer
 from l2o.checkpoints import load_learned_optimizer
 from l2o.lstm import LSTMOptimizer
 from l2o.mlp_lopt import MLPLOpt
-from tests.conftest import REPO, tiny_args
+from tests.conftest import REPO, save_learned_optimizer, tiny_args
 from train import cli_main as train_main
 
 pytestmark = [
@@ -155,17 +155,8 @@ def test_eval_configs_take_both_checkpoints_on_the_command_line(
 
     net = MLPLOpt(hidden_sizes=[4])
     path = tmp_path / "m.ckpt"
-    torch.save(
-        {
-            "state_dict": {f"learned_optimizer.{k}": v for k, v in net.state_dict().items()},
-            "l2o": {
-                "learned_optimizer_class": "l2o.mlp_lopt.MLPLOpt",
-                "learned_optimizer_config": net.config(),
-                "optimizee": {"sizes": [784, 20, 10], "activation": "leaky_relu"},
-            },
-        },
-        path,
-    )
+    optimizee = {"sizes": [784, 20, 10], "activation": "leaky_relu"}
+    save_learned_optimizer(path, net, "l2o.mlp_lopt.MLPLOpt", optimizee)
     parser = build_parser()
     cfg = parser.parse_args(
         [

@@ -14,6 +14,7 @@ from l2o import LearnedOptimizer
 from l2o.checkpoints import CheckpointError
 from l2o.lstm import LSTMOptimizer
 from l2o.mlp_lopt import MLPLOpt
+from tests.conftest import save_learned_optimizer
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -391,23 +392,9 @@ def test_sparse_gradient_refused_before_any_update():
 
 def _write_checkpoint(path, net: nn.Module, class_path: str) -> None:
     """A meta-training checkpoint in the format of the learned-optimizer contract."""
-    torch.save(
-        {
-            "state_dict": {f"learned_optimizer.{k}": v for k, v in net.state_dict().items()},
-            "l2o": {
-                "learned_optimizer_class": class_path,
-                "learned_optimizer_config": net.config(),
-                "optimizee": {
-                    "sizes": [784, 20, 10],
-                    "activation": "leaky_relu",
-                    "batchnorm": False,
-                    "negative_slope": 0.01,
-                    "bn_eps": 1e-5,
-                },
-            },
-        },
-        path,
-    )
+    optimizee = {"sizes": [784, 20, 10], "activation": "leaky_relu", "batchnorm": False,
+                 "negative_slope": 0.01, "bn_eps": 1e-5}  # fmt: skip
+    save_learned_optimizer(path, net, class_path, optimizee)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -27,7 +27,7 @@ import torch
 from evaluate import cli_main as evaluate_main
 from l2o.mlp_lopt import MLPLOpt
 from l2o.records import read_record
-from tests.conftest import REPO
+from tests.conftest import REPO, save_learned_optimizer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -52,19 +52,9 @@ def save_mlp_lopt(path: Path, seed: int, epoch: int = 0, step: int = 200) -> byt
     torch.manual_seed(seed)
     net = MLPLOpt(hidden_sizes=[8, 8], momentum_decays=[0.5, 0.9], time_scales=[1, 10, 100],
                   step_mult=0.01, output_init_scale=1.0)  # fmt: skip
-    torch.save(
-        {
-            "epoch": epoch,
-            "global_step": step,
-            "state_dict": {f"learned_optimizer.{k}": v for k, v in net.state_dict().items()},
-            "l2o": {
-                "learned_optimizer_class": "l2o.mlp_lopt.MLPLOpt",
-                "learned_optimizer_config": net.config(),
-                "optimizee": {"sizes": [784, 8, 10], "activation": "leaky_relu"},
-            },
-        },
-        path,
-    )
+    optimizee = {"sizes": [784, 8, 10], "activation": "leaky_relu"}
+    save_learned_optimizer(path, net, "l2o.mlp_lopt.MLPLOpt", optimizee, epoch=epoch,
+                           global_step=step)  # fmt: skip
     return path.read_bytes()
 
 
