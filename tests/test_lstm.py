@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import pytest
 import torch
@@ -207,7 +206,9 @@ def test_output_scale_multiplies_head():
 
 
 def test_large_problem_is_one_batched_call(monkeypatch):
-    """D ~ 16k coordinates (the study's 784-20-10 MLP) in num_layers lstm_cell calls."""
+    """D ~ 16k coordinates (the study's 784-20-10 MLP) in num_layers lstm_cell calls with a
+    graph (meta-training); without one (meta-testing), in num_layers calls per block of
+    NO_GRAD_BLOCK coordinates: never a loop over tensors or coordinates."""
     calls: list[tuple[int, ...]] = []
     real = torch.lstm_cell
 
@@ -223,14 +224,14 @@ def test_large_problem_is_one_batched_call(monkeypatch):
     lstm = _lstm()
     grads = tuple(torch.randn_like(p) * 1e-2 for p in params)
     state = lstm.init_state(params)
-    with torch.no_grad():
-        lstm.update(grads, state, params)  # warm-up
-        calls.clear()
-        start = time.perf_counter()
-        updates, state = lstm.update(grads, state, params)
-        elapsed = time.perf_counter() - start
+    updates, _ = lstm.update(grads, state, params)
     assert calls == [(d, 2), (d, 20)]
-    assert elapsed < 1.0, f"one LSTM update over {d} coordinates took {elapsed:.2f} s"
+    calls.clear()
+    with torch.no_grad():
+        updates, state = lstm.update(grads, state, params)
+    half = d // 2  # two blocks of 7,955 (NO_GRAD_BLOCK = 8,192)
+    assert lstm_mod.NO_GRAD_BLOCK == 8192
+    assert calls == [(half, 2), (half, 20), (half, 2), (half, 20)]
     assert [u.shape for u in updates] == [p.shape for p in params]
 
 
@@ -457,3 +458,32 @@ def test_compile_options_drop_what_this_torch_does_not_know(monkeypatch):
     )
     known = {"cpp.use_decompose_tanh": True} if hasattr(config.cpp, "use_decompose_tanh") else {}
     assert lstm_module.compile_options() == known
+
+
+def test_no_grad_update_in_blocks_equals_one_call(monkeypatch):
+    """Without a graph (meta-testing) the cell runs over blocks of coordinates; the updates and
+    the next state are those of one call over all coordinates (the graph-mode path)."""
+    lstm = _lstm(seed=22)
+    opt, params, x, y = _problem(population=3, sizes=(9, 7, 4))  # 3 x 102 = 306 coordinates
+    state = lstm.init_state(params)
+    state = {**state, "h": torch.randn_like(state["h"]), "c": torch.randn_like(state["c"])}
+    grads = _grads(opt, params, x, y)
+    ref_updates, ref_state = lstm.update(grads, state, params)  # graph mode: one call
+    assert ref_updates[0].requires_grad
+    calls = []
+    forward = lstm_mod.lstm_forward
+
+    def counting(cell, flat, *rest):
+        calls.append(flat.numel())
+        return forward(cell, flat, *rest)
+
+    monkeypatch.setattr(lstm_mod, "NO_GRAD_BLOCK", 100)
+    monkeypatch.setattr(lstm_mod, "lstm_forward", counting)
+    with torch.no_grad():
+        updates, new_state = lstm.update(grads, state, params)
+    assert calls == [77, 77, 77, 75]  # four blocks: equal but the last
+    for a, b in zip(updates, ref_updates, strict=True):
+        torch.testing.assert_close(a, b.detach(), atol=1e-7, rtol=1e-6)
+    for key in ("h", "c"):
+        torch.testing.assert_close(new_state[key], ref_state[key].detach(), atol=0, rtol=0)
+    assert new_state["shapes"] == ref_state["shapes"]
