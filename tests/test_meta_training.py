@@ -554,10 +554,14 @@ def test_an_epoch_of_skipped_updates_stops_with_a_clear_error(mnist_root):
 @pytest.mark.parametrize(
     "optimizee, config",
     [
-        ({"sizes": [784, 20, 10], "activation": "leaky_relu", "batchnorm": False},
-         "configs/eval_leaky_relu.yaml"),
-        ({"sizes": [784, 20, 10], "activation": "relu", "batchnorm": True},
-         "configs/eval_batchnorm_relu.yaml"),
+        (
+            {"sizes": [784, 20, 10], "activation": "leaky_relu", "batchnorm": False},
+            "configs/eval_leaky_relu.yaml",
+        ),
+        (
+            {"sizes": [784, 20, 10], "activation": "relu", "batchnorm": True},
+            "configs/eval_batchnorm_relu.yaml",
+        ),
         ({"sizes": [784, 7, 10], "activation": "tanh", "batchnorm": False}, None),
     ],
 )
