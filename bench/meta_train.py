@@ -193,6 +193,82 @@ def bench(
     return out
 
 
+# Profiler op names -> what they are in the compiled step (the rest: "other").
+OP_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear"),
+    "fused elementwise (inductor)": ("## Call CompiledFxGraph",),
+    "copies": ("aten::copy_", "aten::cat", "aten::stack", "aten::clone", "aten::contiguous"),
+}
+
+
+def profile_step(unroll: int = 20, batch: int = 128, truncations: int = 5) -> dict:
+    """Where the compiled population-1 step spends its time: the unroll (the optimizee's
+    forward/backward and the LSTM's forward), the meta-backward and the meta-optimizer step,
+    by wall clock; and by op kind (torch.profiler's self CPU time)."""
+    from torch.profiler import profile
+
+    system = MetaTrainingSystem(LSTMOptimizer(torch_compile=True), unroll=unroll, population=1)
+    meta_opt = torch.optim.Adam(system.learned_optimizer.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(unroll, 1, batch, 784, generator=gen)
+    y = torch.randint(0, 10, (unroll, 1, batch), generator=gen)
+    params = system.optimizee.init(1, gen)
+    state = system.learned_optimizer.init_state(params)
+    phases = {"unroll (forward)": 0.0, "meta-backward": 0.0, "meta-optimizer step": 0.0}
+
+    def truncation(timed: bool) -> None:
+        nonlocal params, state
+        t0 = time.perf_counter()
+        losses, _, params, state = system.unroll(params, state, x, y)
+        t1 = time.perf_counter()
+        meta_opt.zero_grad()
+        system.meta_loss(losses).backward()
+        t2 = time.perf_counter()
+        meta_opt.step()
+        params, state = tuple(p.detach() for p in params), detach_state(state)
+        if timed:
+            for key, dt in zip(phases, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                phases[key] += dt
+
+    for _ in range(3):
+        truncation(False)
+    for _ in range(truncations):
+        truncation(True)
+    steps = truncations * unroll
+    with profile() as prof:
+        for _ in range(2):
+            truncation(False)
+    kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, names in OP_KINDS.items() if event.key.startswith(names)), "other")
+        kinds[kind] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    return {
+        "ms_per_step": {k: 1e3 * v / steps for k, v in phases.items()},
+        "op_share": {k: v / total for k, v in kinds.items()},
+    }
+
+
+def print_profile(prof: dict, flops: float, gflops: float | None) -> dict:
+    ms = prof["ms_per_step"]
+    print("\n| phase of the compiled step (population 1) | ms per optimizee step |")
+    print("|---|---|")
+    for k, v in ms.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"| total | {sum(ms.values()):.2f} |")
+    print("\n| op kind (torch.profiler, self CPU time) | share |")
+    print("|---|---|")
+    for k, v in prof["op_share"].items():
+        print(f"| {k} | {v:.0%} |")
+    out = {f"profile_ms_{k.split()[0].replace('-', '_')}": round(v, 3) for k, v in ms.items()}
+    out.update({f"profile_share_{k.split()[0]}": round(v, 3) for k, v in prof["op_share"].items()})
+    if gflops:
+        # The LSTM's forward+backward FLOPs at this machine's best GEMM rate: no code that
+        # computes the same meta-gradient in float32 runs faster than this here.
+        out["matmul_floor_steps_per_s"] = round(gflops * 1e9 / flops, 1)
+    return out
+
+
 # One meta-step over an H-step horizon in a fresh interpreter: (peak RSS - RSS before) in MB.
 MEMORY_SNIPPET = """
 import json, resource, sys, torch
@@ -303,6 +379,11 @@ def main() -> None:
         "--memory-horizons", type=int, nargs="*", default=[25, 50, 100, 1000],
         help="horizons of the memory table (none: skip)",
     )  # fmt: skip
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also break the compiled population-1 step down by phase and op kind",
+    )
     ap.add_argument("--tbptt-memory-max", type=int, default=100,
                     help="the longest TBPTT horizon actually run for the memory table")  # fmt: skip
     args = ap.parse_args()
@@ -399,6 +480,8 @@ def main() -> None:
             f"{best[args.populations[0]]:.1f} steps/s is {result['floor_fraction_p1']:.0%} of "
             "the matmul floor"
         )
+    if args.profile:
+        result.update(print_profile(profile_step(), flops, gflops))
     if anchor_rows:
         study, ours = anchor_rows[0::2], anchor_rows[1::2]
         ratios = [o / s for o, s in zip(ours, study)]
@@ -409,6 +492,12 @@ def main() -> None:
             f"population 1) / study's = {result['ratio_vs_seed_p1']:.1f}x (median of "
             f"{len(ratios)} interleaved rounds: {', '.join(f'{r:.1f}' for r in ratios)})"
         )
+        if gflops:
+            # What the ratio could be if the LSTM's FLOPs ran at this machine's best GEMM rate.
+            ceiling = gflops * 1e9 / flops / result["seed_steps_per_s"]
+            result["ratio_ceiling_at_matmul_floor"] = round(ceiling, 1)
+            print(f"ceiling: at the matmul floor ({gflops * 1e9 / flops:.0f} steps/s) the ratio "
+                  f"would be {ceiling:.0f}x")  # fmt: skip
     result["cpu_flags"] = cpu_flags()
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if args.device == "cuda":

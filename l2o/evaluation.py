@@ -394,7 +394,10 @@ def run_population(
         tb.experiment.add_custom_scalars(layout)
         logs.append([tb, RecordLogger(folder / s.label / f"seed_{seed}")])
     data = MetaTestData.of(dm, steps)
-    runs = run_seeds(opt, optimizee, data, range(seeds), steps, eval_every, analyses, logs, device)
+    runs = run_seeds(
+        opt, optimizee, data, range(seeds), steps, eval_every, analyses, logs, device,
+        progress=f"{s.label} seeds 0-{seeds - 1}",
+    )  # fmt: skip
     for seed, (run, loggers) in enumerate(zip(runs, logs)):
         if run.diverged_at is not None:  # MetaTestSystem._diverge's message
             print(f"{s.label} seed {seed}: diverged at step {run.diverged_at} (a non-finite loss "

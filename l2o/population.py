@@ -245,6 +245,7 @@ def run_seeds(
     analyses: Sequence[Any] = (),
     loggers: Sequence[Sequence[Any]] | None = None,
     device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> list[SeedRun]:
     """Meta-test ``optimizer`` on ``optimizee`` for every seed of ``seeds`` in one run.
 
@@ -263,6 +264,7 @@ def run_seeds(
             distributions as they are computed (``meta_test/*`` are in the result; see
             :func:`log_seed_run`).
         device: where the population lives.
+        progress: a label: show a progress bar of the steps under it (``None``: none).
 
     Returns one :class:`SeedRun` per seed, in order.
     """
@@ -311,6 +313,11 @@ def run_seeds(
     alive = torch.ones(pop, dtype=torch.bool, device=device)  # not diverged before this step
     final = params
     k = 0
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=progress, unit="step", leave=False, dynamic_ncols=True)
     for step in range(1, steps + 1):
         idx = torch.cat([sampler.next(1)[0] for sampler in samplers]).to(device)  # (S, B)
         x, y = train_x[idx], train_y[idx]
@@ -346,7 +353,11 @@ def run_seeds(
             at = eval_point(optimizer, params, state)  # schedule-free: x, not y
             test_losses[k], test_accs[k] = _test_metrics(optimizee, at, test_x, test_y)
             k += 1
+        if bar is not None:
+            bar.update(1)
 
+    if bar is not None:
+        bar.close()
     finite_np = finite.cpu().numpy()
     losses_np, accs_np = losses.double().cpu().numpy(), accs.double().cpu().numpy()
     tl_np, ta_np = test_losses.double().cpu().numpy(), test_accs.double().cpu().numpy()
