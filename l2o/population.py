@@ -10,8 +10,10 @@ exactly the one-seed run's initialisation (``init_optimizee``) and minibatch ord
 of the batched kernels (tests: 1e-6).
 
 Nothing in the step loop reads a tensor back to the host: losses, accuracies and the
-divergence flags of every step are written into preallocated tensors, read once at the end
-(a GPU run never syncs per step). Analyses sync on the steps they analyse, as they do today.
+divergence flags of every step are written into preallocated tensors (a GPU run never syncs
+per step). With loggers, they are read back at every evaluated step and streamed to each
+seed's loggers, so that TensorBoard shows the curves live (one sync per evaluation); analyses
+sync on the steps they analyse, as they do today.
 
 Analyses (the callbacks of ``callbacks/``, duck-typed: ``name``, ``every_n_steps``,
 ``compute``): those whose math is per member already are computed for all seeds in one call
@@ -68,6 +70,7 @@ class SeedRun:
     params: Params  # final params (1, ...): after the last step (or at divergence)
     scalars: dict[str, dict[int, float]] = field(default_factory=dict)
     arrays: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    streamed: bool = False  # meta_test/* already went to the run's loggers during the run
 
     def metrics(self) -> dict[int, dict[str, float]]:
         """``{step: {tag: value}}`` of ``meta_test/*``, exactly the tags ``MetaTestSystem``
@@ -261,8 +264,9 @@ def run_seeds(
         analyses: analysis callbacks (``callbacks.base.Analysis``); each seed gets its own
             deep copy, as each one-seed run gets its own Trainer's.
         loggers: per seed, extra loggers that receive the seed's analysis scalars and
-            distributions as they are computed (``meta_test/*`` are in the result; see
-            :func:`log_seed_run`).
+            distributions as they are computed, and its ``meta_test/*`` step metrics at every
+            evaluated step (what a one-seed run has logged by then: TensorBoard shows the
+            curves live; one host sync per evaluation). :func:`log_seed_run` adds the rest.
         device: where the population lives.
         progress: a label: show a progress bar of the steps under it (``None``: none).
 
@@ -313,6 +317,8 @@ def run_seeds(
     alive = torch.ones(pop, dtype=torch.bool, device=device)  # not diverged before this step
     final = params
     k = 0
+    streamed = 0  # steps whose meta_test/* went to the loggers
+    stopped = [False] * pop  # a seed's curve ends at its first non-finite step
     bar = None
     if progress is not None:
         from tqdm.auto import tqdm
@@ -352,6 +358,10 @@ def run_seeds(
         if k < len(test_steps) and step == test_steps[k]:
             at = eval_point(optimizer, params, state)  # schedule-free: x, not y
             test_losses[k], test_accs[k] = _test_metrics(optimizee, at, test_x, test_y)
+            if loggers is not None:
+                _stream(trainers, losses, accs, finite, test_losses[k], test_accs[k],
+                        streamed, step, stopped)  # fmt: skip
+                streamed = step
             k += 1
         if bar is not None:
             bar.update(1)
@@ -379,19 +389,43 @@ def run_seeds(
                 tuple(p[i : i + 1] for p in final),
                 recorders[i].scalars,
                 recorders[i].arrays,
+                streamed=loggers is not None,
             )
         )
     return runs
+
+
+def _stream(trainers, losses, accs, finite, test_loss, test_acc, start, step, stopped) -> None:
+    """Log steps ``start+1 .. step`` of every seed's ``meta_test/*`` to its loggers (``step`` is
+    an evaluated one: its test metrics too), exactly the dicts of ``SeedRun.metrics``: a seed's
+    curve stops before its first non-finite step (``stopped`` remembers it across calls)."""
+    span = slice(start, step)
+    loss_np, acc_np = losses[span].double().cpu().numpy(), accs[span].double().cpu().numpy()
+    finite_np = finite[span].cpu().numpy()
+    tl, ta = test_loss.double().cpu().tolist(), test_acc.double().cpu().tolist()
+    for i, trainer in enumerate(trainers):
+        for j in range(step - start):
+            if stopped[i] or not finite_np[j, i]:
+                stopped[i] = True
+                break
+            metrics = {
+                "meta_test/train_loss": float(loss_np[j, i]),
+                "meta_test/train_acc": float(acc_np[j, i]),
+            }
+            if start + j + 1 == step:
+                metrics.update({"meta_test/test_loss": tl[i], "meta_test/test_acc": ta[i]})
+            _log(trainer, metrics, start + j + 1, recorder=False)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _log(trainer: _SeedTrainer, metrics: dict[str, float], step: int) -> None:
+def _log(trainer: _SeedTrainer, metrics: dict[str, float], step: int, recorder=True) -> None:
     if metrics:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if recorder or not isinstance(logger, _Recorder):
+                logger.log_metrics(metrics, step=step)
 
 
 def log_seed_run(
@@ -404,14 +438,16 @@ def log_seed_run(
     """Write one seed's ``meta_test/*`` to Lightning loggers as its ``MetaTestSystem`` run
     does: ``meta_test/lr`` at step 0 (optimizers with a learning rate), the step metrics, the
     divergence step, and ``run_info`` as hyperparameters with the final loss and accuracy;
-    then ``finalize(status)`` (the ``RecordLogger`` writes its record). The analysis scalars
-    went to the same loggers during :func:`run_seeds` (pass them there as ``loggers``)."""
+    then ``finalize(status)`` (the ``RecordLogger`` writes its record). The analysis scalars,
+    and the step metrics of a ``run.streamed`` run, went to the same loggers during
+    :func:`run_seeds` (pass them there as ``loggers``): they are not written again."""
     lr = getattr(optimizer, "lr", None)
     for logger in loggers:
         if lr is not None:
             logger.log_metrics({"meta_test/lr": float(lr)}, step=0)
-        for step, metrics in run.metrics().items():
-            logger.log_metrics(metrics, step=step)
+        if not run.streamed:  # else run_seeds wrote them to these loggers as it went
+            for step, metrics in run.metrics().items():
+                logger.log_metrics(metrics, step=step)
         if run.diverged_at is not None:
             logger.log_metrics({DIVERGED_TAG: float(run.diverged_at)}, step=run.diverged_at)
     if run_info:

@@ -231,3 +231,63 @@ def test_bad_arguments():
         run_seeds(make("sgd"), LEAKY, tiny_data(), [])
     with pytest.raises(ValueError, match="loggers"):
         run_seeds(make("sgd"), LEAKY, tiny_data(), [0, 1], loggers=[[]])
+
+
+class _Watcher:
+    """A logger that notes how many optimizee steps the population had run when each
+    ``meta_test/*`` value arrived."""
+
+    def __init__(self, clock: list[int]) -> None:
+        self.clock, self.arrivals = clock, []
+
+    def log_metrics(self, metrics, step):
+        for tag in metrics:
+            if tag.startswith("meta_test/"):
+                self.arrivals.append((tag, int(step), self.clock[0]))
+
+    def finalize(self, status):
+        pass
+
+
+@pytest.mark.parametrize("diverging", [False, True])
+def test_curves_stream_to_the_loggers_at_every_evaluation(tmp_path, monkeypatch, diverging):
+    """TensorBoard shows a vectorised run live: each evaluated step's curve (train steps since
+    the last evaluation, then the test metrics) reaches the seed's loggers before the next
+    step runs, a diverged seed's curve stops where its one-seed run's does, and
+    ``log_seed_run`` writes none of it twice (the records equal the one-seed runs')."""
+    import l2o.population as population
+
+    clock = [0]
+    inner = population.inner_step
+
+    def counting(*args, **kwargs):
+        clock[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(population, "inner_step", counting)
+    opt = SGD(lr=3e18, momentum=0.0) if diverging else make("adam")  # 3e18: diverges at step 3
+    seeds, steps = [0, 1], 10
+    watchers = [_Watcher(clock) for _ in seeds]
+    records = [RecordLogger(tmp_path / f"vec_{s}") for s in seeds]
+    loggers = [[w, r] for w, r in zip(watchers, records)]
+    runs = run_seeds(opt, LEAKY, tiny_data(steps), seeds, steps, EVAL_EVERY, loggers=loggers)
+    assert all(run.streamed for run in runs)
+    for run, watcher, logger in zip(runs, watchers, loggers):
+        population.log_seed_run(run, logger, opt)
+        n = steps if run.diverged_at is None else run.diverged_at - 1
+        train = [(s, c) for t, s, c in watcher.arrivals if t == "meta_test/train_loss"]
+        assert [s for s, _ in train] == list(range(1, n + 1))  # each step once, in order
+        for s, c in train:  # logged at the first evaluation at or after it
+            assert c == min(e for e in (4, 8, 10) if e >= s)
+        test = [s for t, s, _ in watcher.arrivals if t == "meta_test/test_loss"]
+        assert test == [e for e in (4, 8, 10) if e <= n]
+    assert all((run.diverged_at is not None) == diverging for run in runs)
+    for seed in seeds:
+        want, _ = one_seed(tmp_path / "one", opt, seed, steps=steps)
+        got = read_record(tmp_path / f"vec_{seed}")
+        tags = [t for t in want.scalars if t.startswith("meta_test/")]
+        assert sorted(tags) == sorted(t for t in got.scalars if t.startswith("meta_test/"))
+        for tag in tags:
+            assert series(got, tag).keys() == series(want, tag).keys(), tag
+            for s, v in series(want, tag).items():
+                assert series(got, tag)[s] == pytest.approx(v, rel=TOL, abs=TOL), (tag, s)
