@@ -96,7 +96,7 @@ def command_line(
     name: str = "experiment",
     overwrite: bool = False,
     smoothing: float = 0.0,
-    vectorise_seeds: bool = False,
+    vectorise_seeds: bool = True,
     symmetry_every: int | None = None,
     tail_index_every: int | None = None,
     covariance_every: int | None = None,
@@ -139,9 +139,10 @@ def command_line(
         overwrite: replace an existing ``out/name`` (else a name in use is refused).
         smoothing: EMA weight in [0, 1) of the training loss in the figures.
         vectorise_seeds: run the seeds of each optimizer as one population run
-            (l2o.population): the same numbers to 1e-6 and the same run folders, less
-            overhead; an optimizer whose state cannot be split per seed (e.g. Muon) runs its
-            seeds one at a time, with a note.
+            (l2o.population; the default): the same numbers to 1e-6 and the same run folders,
+            less overhead, curves streamed to TensorBoard at every evaluation; an optimizer
+            whose state cannot be split per seed (e.g. Muon) runs its seeds one at a time,
+            with a note. ``false``: one ``Trainer.test`` per seed, as before.
         symmetry_every, tail_index_every, covariance_every, histogram_every: shorthands for
             ``every``; 0 leaves the analysis out.
         covariance_samples, tail_index_batches: shorthands for UpdateCovariance's

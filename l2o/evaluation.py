@@ -6,11 +6,11 @@
    the settings (steps, seeds, report steps, the tuning grid), the data against the optimizee
    and every analysis (``analysis.check``), and the output folder;
 2. takes the folder ``out/name`` (see *Output folder* below), tunes the learning rates, then runs
-   one ``Trainer.test`` of :class:`~l2o.meta_testing.MetaTestSystem` per optimizer and seed,
-   with the analysis callbacks, logging to TensorBoard (live) and to the run's record; with
-   ``vectorise_seeds``, the seeds of each optimizer are one population run instead
-   (``l2o.population``: same numbers, same run folders), unless :func:`vectorisable` finds
-   that the optimizer cannot be split into members (then the per-seed runs, with a note);
+   the seeds of each optimizer as one population run (``vectorise_seeds``, the default:
+   ``l2o.population``, same numbers, same run folders), unless :func:`vectorisable` finds that
+   the optimizer cannot be split into members; else (or with ``vectorise_seeds=False``) one
+   ``Trainer.test`` of :class:`~l2o.meta_testing.MetaTestSystem` per optimizer and seed. Both
+   log the analyses and the curves to TensorBoard (live) and to the run's record;
 3. writes per optimizer a TensorBoard run of the seed means, and the summary and figures
    (``l2o.report.build_report``, from the records).
 
@@ -437,7 +437,7 @@ def run_experiment(
     overwrite: bool = False,
     config_text: str | None = None,
     smoothing: float = 0.0,
-    vectorise_seeds: bool = False,
+    vectorise_seeds: bool = True,
 ) -> dict[str, Any]:
     """Check, tune, run and summarise (see the module docstring). Returns the summary, also
     written to ``out/name``. ``vectorise_seeds``: each optimizer's seeds as one population run

@@ -1,7 +1,8 @@
-"""evaluate.py --vectorise_seeds true: each optimizer's seeds as one population run
-(l2o.population) give the experiment of the per-seed Trainer runs: the same summary.json, the
-same records (every tag, step and value to 1e-6), the same manifest; an optimizer whose state
-cannot be cut per seed (Muon) falls back to the per-seed runs; divergence stays a result."""
+"""evaluate.py --vectorise_seeds (the default): each optimizer's seeds as one population run
+(l2o.population) give the experiment of the per-seed Trainer runs (--vectorise_seeds false):
+the same summary.json, the same records (every tag, step and value to 1e-6), the same manifest;
+an optimizer whose state cannot be cut per seed (Muon) falls back to the per-seed runs;
+divergence stays a result."""
 
 from __future__ import annotations
 
@@ -87,8 +88,8 @@ def test_vectorised_seeds_give_the_same_experiment(tmp_path, mnist_root, checkpo
         "--optimizee",
         "{sizes: [784, 8, 10], activation: leaky_relu}",
     ]
-    plain = run_eval(tmp_path, mnist_root, *extra, name="plain")
-    capsys.readouterr()
+    plain = run_eval(tmp_path, mnist_root, *extra, "--vectorise_seeds", "false", name="plain")
+    assert "(one population run)" not in capsys.readouterr().out  # the per-seed path
     vec = run_eval(tmp_path, mnist_root, *extra, "--vectorise_seeds", "true", name="vec")
     out = capsys.readouterr().out
     assert out.count("(one population run)") == 3, out
@@ -109,7 +110,7 @@ def test_an_optimizer_that_cannot_be_cut_falls_back(tmp_path, mnist_root, capsys
         "--analyses",
         "[]",
     ]
-    run_eval(tmp_path, mnist_root, *extra, name="plain")
+    run_eval(tmp_path, mnist_root, *extra, "--vectorise_seeds", "false", name="plain")
     capsys.readouterr()
     run_eval(tmp_path, mnist_root, *extra, "--vectorise_seeds", "true", name="vec")
     out = capsys.readouterr().out
@@ -120,7 +121,8 @@ def test_an_optimizer_that_cannot_be_cut_falls_back(tmp_path, mnist_root, capsys
 
 def test_a_diverged_seed_is_a_result_when_vectorised(tmp_path, mnist_root, nan_checkpoint, capsys):  # noqa: F811
     extra = ["--checkpoints", f"[{nan_checkpoint}]", "--optimizers", "[{name: sgd, lr: 0.1}]"]
-    run_eval(tmp_path, mnist_root, *extra, "--analyses", "[]", name="plain")
+    run_eval(tmp_path, mnist_root, *extra, "--analyses", "[]", "--vectorise_seeds", "false",
+             name="plain")  # fmt: skip
     capsys.readouterr()
     run_eval(tmp_path, mnist_root, *extra, "--analyses", "[]", "--vectorise_seeds", "true",
              name="vec")  # fmt: skip
