@@ -208,7 +208,8 @@ def test_zeros_pull_pooled_down_but_not_robust_or_standardized():
     assert out["robust"] == pytest.approx(1.5, abs=TOL)
     assert out["standardized"] == pytest.approx(1.5, abs=TOL)
     assert out["pooled"] < out["robust"] - 0.2
-    assert out["pooled"] == alpha_estimate(noise.flatten())
+    # the same estimate (its log sums are taken per coordinate, then added: float rounding)
+    assert out["pooled"] == pytest.approx(alpha_estimate(noise.flatten()), rel=1e-12)
     # coordinates are never mixed: the zero ones change nothing (but float rounding)
     assert out["standardized"] == pytest.approx(standardized_alpha(noise[:, live])[0], rel=1e-9)
     assert list(out) == list(STATISTICS)
