@@ -254,6 +254,13 @@ def test_standardized_needs_eight_minibatches_and_finite_noise():
     noise[3, 5] = math.inf
     with pytest.raises(ValueError, match="non-finite"):
         noise_alphas(noise)
+    noise[3, 5] = math.nan
+    with pytest.raises(ValueError, match="1 non-finite"):
+        noise_alphas(noise.float())
+    # finite entries whose column sum overflows are still noise (the check sums columns first)
+    noise[3, 5] = 0.0
+    noise[:2, 5] = 3e38
+    assert math.isfinite(noise_alphas(noise.float())["robust"])
     with pytest.raises(ValueError, match="pairings"):
         standardized_alpha(centred_noise(1.5, 39), pairings=0)
 
