@@ -8,8 +8,10 @@ scales as m^(1/alpha), so
 
 alpha = 2 is Gaussian noise; smaller alpha means heavier tails. Like Simsekli et al. we take m
 as the largest divisor of K not above sqrt(K), add ``np.spacing(1)`` inside the logs, and for
-vector samples use Euclidean norms, all in float64. The estimate is not clipped to (0, 2]:
-values outside come from noise that is not alpha-stable (or too few samples).
+vector samples use Euclidean norms, all in float64 (but for float32 noise, ``noise_alphas``
+takes the logs of the samples in float32 and sums them in float64: ~1e-8 relative). The
+estimate is not clipped to (0, 2]: values outside come from noise that is not alpha-stable (or
+too few samples).
 
 Minibatch noise is a ``(n_batches, D)`` matrix, and ``noise_alphas`` reads it three ways:
 ``pooled`` and ``robust`` (the seed code's reading: all coordinates as one sample, row by row)
@@ -154,10 +156,11 @@ def _pair_statistics(
     # float32 noise stays float32: x - y == 0 exactly when x == y (IEEE, gradual underflow).
     if noise.dtype != torch.float32:
         noise = noise.double()
-    # An exact 0 (an atom) gives log 0 = -inf, so d_j is not finite: that is the mask. A
-    # coordinate zero in every row has one in every pairing: none computes it (blank pixels:
-    # ~20-90% of an MLP's coordinates on MNIST; torch's CPU log of 0 is ~20x slower than of a
-    # normal number). Coordinates are never mixed: the others' numbers stay the same.
+    # An exact 0 (an atom) gives log 0 = -inf, so d_j is not finite: that is the mask (it also
+    # drops a block sum past float32's range, as it must). A coordinate zero in every row has
+    # an atom in every pairing: none computes it (blank pixels: ~20-90% of an MLP's
+    # coordinates on MNIST; torch's CPU log of 0 is ~20x slower than of a normal number).
+    # Coordinates are never mixed: the others' numbers stay the same.
     if live is None:
         live = (noise != 0).any(dim=0)
     cols = live.nonzero()[:, 0]
