@@ -99,6 +99,21 @@ def test_spectrum_matches_dense_eigendecomposition(method, n):
         assert got["trace"] == pytest.approx(trace, rel=1e-6)
 
 
+@pytest.mark.parametrize("n", [15, 80])
+def test_lanczos_over_blocks_of_rows_matches_dense(monkeypatch, n):
+    """The one-pass product A^T (A u) taken block by block of rows (here 7 rows per block, the
+    last one short) is the dense eigenvalue's operator: every row counted once."""
+    import l2o.covariance as cov
+
+    opt = MLPOptimizee((6, 5, 3))  # D = 53
+    params = opt.init(1, torch.Generator().manual_seed(6), dtype=torch.float64)
+    x, y = _data(n, 6)
+    grads = flatten(per_sample_grads(opt, params, x, y))
+    monkeypatch.setattr(cov, "LANCZOS_BLOCK_BYTES", 7 * 53 * 8)
+    top, _ = _dense_reference(grads, None)
+    assert update_covariance(grads, method="lanczos")["top_eig"] == pytest.approx(top, rel=1e-6)
+
+
 def test_auto_method_switches_at_gram_max_n():
     a = torch.randn(40, 7, dtype=torch.float64)
     assert update_covariance(a, gram_max_n=40)["method"] == "gram"
