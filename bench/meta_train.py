@@ -145,14 +145,13 @@ def mnist_root(given: str | None) -> Path:
     return raw.parent.parent
 
 
-def bench(
-    population: int,
-    compile: bool,
-    device: str,
-    unroll: int = 20,
-    truncations: int = 10,
-    batch: int = 128,
-) -> dict:
+PHASES = ("unroll (forward)", "meta-backward", "meta-optimizer step")
+
+
+def truncation_runner(population: int, compile: bool, device: str, unroll: int, batch: int):
+    """The real training step on random MNIST-shaped data: a function that runs one truncation
+    (unroll + meta-backward + Adam step) and, given a dict ``phases`` keyed by ``PHASES``, adds
+    the seconds of those three to it."""
     system = MetaTrainingSystem(
         LSTMOptimizer(torch_compile=compile), unroll=unroll, population=population
     ).to(device)
@@ -163,14 +162,32 @@ def bench(
     params = system.optimizee.init(population, gen, device=device)
     state = system.learned_optimizer.init_state(params)
 
-    def truncation():
+    def truncation(phases: dict | None = None) -> None:
         nonlocal params, state
+        t0 = time.perf_counter()
         losses, _, params, state = system.unroll(params, state, x, y)
+        t1 = time.perf_counter()
         meta_opt.zero_grad()
         system.meta_loss(losses).backward()
+        t2 = time.perf_counter()
         meta_opt.step()
         params, state = tuple(p.detach() for p in params), detach_state(state)
+        if phases is not None:
+            for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                phases[phase] += dt
 
+    return truncation
+
+
+def bench(
+    population: int,
+    compile: bool,
+    device: str,
+    unroll: int = 20,
+    truncations: int = 10,
+    batch: int = 128,
+) -> dict:
+    truncation = truncation_runner(population, compile, device, unroll, batch)
     for _ in range(3):  # warm-up (and compilation)
         truncation()
     if device == "cuda":
@@ -207,37 +224,16 @@ def profile_step(unroll: int = 20, batch: int = 128, truncations: int = 5) -> di
     by wall clock; and by op kind (torch.profiler's self CPU time)."""
     from torch.profiler import profile
 
-    system = MetaTrainingSystem(LSTMOptimizer(torch_compile=True), unroll=unroll, population=1)
-    meta_opt = torch.optim.Adam(system.learned_optimizer.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(unroll, 1, batch, 784, generator=gen)
-    y = torch.randint(0, 10, (unroll, 1, batch), generator=gen)
-    params = system.optimizee.init(1, gen)
-    state = system.learned_optimizer.init_state(params)
-    phases = {"unroll (forward)": 0.0, "meta-backward": 0.0, "meta-optimizer step": 0.0}
-
-    def truncation(timed: bool) -> None:
-        nonlocal params, state
-        t0 = time.perf_counter()
-        losses, _, params, state = system.unroll(params, state, x, y)
-        t1 = time.perf_counter()
-        meta_opt.zero_grad()
-        system.meta_loss(losses).backward()
-        t2 = time.perf_counter()
-        meta_opt.step()
-        params, state = tuple(p.detach() for p in params), detach_state(state)
-        if timed:
-            for key, dt in zip(phases, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-                phases[key] += dt
-
+    truncation = truncation_runner(1, True, "cpu", unroll, batch)
+    phases = dict.fromkeys(PHASES, 0.0)
     for _ in range(3):
-        truncation(False)
+        truncation()
     for _ in range(truncations):
-        truncation(True)
+        truncation(phases)
     steps = truncations * unroll
     with profile() as prof:
         for _ in range(2):
-            truncation(False)
+            truncation()
     kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
     for event in prof.key_averages():
         kind = next((k for k, names in OP_KINDS.items() if event.key.startswith(names)), "other")
