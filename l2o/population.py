@@ -75,13 +75,20 @@ class SeedRun:
     def metrics(self) -> dict[int, dict[str, float]]:
         """``{step: {tag: value}}`` of ``meta_test/*``, exactly the tags ``MetaTestSystem``
         logs at each step (train every step, test at the evaluated ones)."""
-        out = {
-            i + 1: {"meta_test/train_loss": float(loss), "meta_test/train_acc": float(acc)}
+        tested = dict(zip(self.test_steps, zip(self.test_loss, self.test_acc)))
+        return {
+            i + 1: step_metrics(loss, acc, tested.get(i + 1))
             for i, (loss, acc) in enumerate(zip(self.train_loss, self.train_acc))
         }
-        for s, loss, acc in zip(self.test_steps, self.test_loss, self.test_acc):
-            out[s].update({"meta_test/test_loss": float(loss), "meta_test/test_acc": float(acc)})
-        return out
+
+
+def step_metrics(train_loss, train_acc, test: tuple | None = None) -> dict[str, float]:
+    """One step's ``meta_test/*`` as ``MetaTestSystem`` logs them; ``test``: the held-out
+    (loss, accuracy) at an evaluated step."""
+    out = {"meta_test/train_loss": float(train_loss), "meta_test/train_acc": float(train_acc)}
+    if test is not None:
+        out.update({"meta_test/test_loss": float(test[0]), "meta_test/test_acc": float(test[1])})
+    return out
 
 
 # --------------------------------------------------------------------------- members
@@ -408,12 +415,8 @@ def _stream(trainers, losses, accs, finite, test_loss, test_acc, start, step, st
             if stopped[i] or not finite_np[j, i]:
                 stopped[i] = True
                 break
-            metrics = {
-                "meta_test/train_loss": float(loss_np[j, i]),
-                "meta_test/train_acc": float(acc_np[j, i]),
-            }
-            if start + j + 1 == step:
-                metrics.update({"meta_test/test_loss": tl[i], "meta_test/test_acc": ta[i]})
+            test = (tl[i], ta[i]) if start + j + 1 == step else None
+            metrics = step_metrics(loss_np[j, i], acc_np[j, i], test)
             _log(trainer, metrics, start + j + 1, recorder=False)
 
 
