@@ -162,7 +162,11 @@ class UpdateCovariance(Analysis):
             if chunk is None and snapshot.optimizee.batchnorm:
                 chunk = batchnorm_chunk(len(x))
             key = ("train", len(x), self.seed)
-            per_sample = per_sample_grads_cached(snapshot, key, x, y, chunk)
+
+            def grads() -> tuple[Tensor, ...]:
+                return per_sample_grads_cached(snapshot, key, x, y, chunk)
+
+            per_sample = grads  # lazily: the exact shortcuts (SGD on an MLP) need none
         res = covariance_analysis(
             snapshot.optimizee,
             snapshot.optimizer,

@@ -18,9 +18,24 @@ scale that way, which is why both are available.
 
 D (15,910 for the 784-20-10 MLP) is too large for a D x D matrix, so the spectrum comes from the
 N x N Gram matrix (small N) or from matrix-free Lanczos (large N); neither forms K.
+
+``method="auto"`` (the default) takes two exact shortcuts where they apply, per-sample mode:
+
+* an MLP without BatchNorm (``MLPOptimizee.per_sample_gram``): each layer's per-sample gradient
+  is an outer product, so the gradients' Gram matrix comes from a few (N, width) GEMMs, and the
+  gradient covariance from its centred spectrum (:func:`gram_spectrum`), without the (N, D)
+  gradients (65 MB at N = 1,024);
+* an optimizer whose update is linear in the gradient, ``c g + b`` (SGD:
+  ``l2o.optimizers.linear_gain``): u_i - U(g) = c (g_i - g), so K_update = c^2 K_grad, with no
+  replay.
+
+With both (SGD on the study's MLP) no per-sample gradient is formed. ``gram`` and ``lanczos``
+skip the shortcuts: the reference the tests hold them to (equal to ~1e-6).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,7 +43,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
 from l2o.optimizees import Optimizee, Params, grads_of
-from l2o.optimizers import Optimizer, State, replay, replay_chunks
+from l2o.optimizers import Optimizer, State, linear_gain, replay, replay_chunks
 
 # The N x N Gram costs N^2 D flops, Lanczos ~50-100 matvecs of 4 N D flops: past a few hundred
 # samples Lanczos wins (at N = 1,024 about 2x: README, "Benchmarks", bench/analysis.py).
@@ -185,11 +200,45 @@ def _lanczos_top(a: Tensor) -> float:
             out.addmv_(block.t(), block @ u)
         return (out / n).cpu().numpy()
 
+    return _arpack_top(matvec, dim, dtype)
+
+
+def _arpack_top(matvec, dim: int, dtype) -> float:
+    """Largest eigenvalue of the symmetric operator ``matvec`` on R^dim (ARPACK, seeded)."""
     op = LinearOperator((dim, dim), matvec=matvec, dtype=dtype)
     v0 = np.random.default_rng(0).standard_normal(dim).astype(dtype)  # reproducible start
     ncv = min(LANCZOS_NCV, dim)
     vals = eigsh(op, k=1, which="LA", v0=v0, ncv=ncv, return_eigenvectors=False)
     return float(vals[0])
+
+
+def gram_spectrum(gram: Tensor) -> dict:
+    """:func:`update_covariance` of rows known only through their Gram matrix
+    ``G_ij = <g_i, g_j>`` (N x N), centred on their mean.
+
+    With H = I - 11^T / N the centring, K's nonzero spectrum is that of H G H / N, and
+    ``trace K = (trace G - N mean(G)) / N``. Float64 throughout; H G H is applied, never formed
+    (``v -> H G H v`` is one product with G). Small N: eigvalsh of H G H, exact.
+    """
+    n = gram.shape[-1]
+    g = gram.detach().reshape(n, n).double()
+    trace = float(torch.diagonal(g).sum() - n * g.mean()) / n
+    if n <= GRAM_EIGVALSH_N or trace == 0.0:
+        centred = g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+        top = float(torch.linalg.eigvalsh(centred / n)[-1]) if trace != 0.0 else 0.0
+    else:
+
+        def matvec(v: np.ndarray) -> np.ndarray:
+            v = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+            w = g @ (v - v.mean())
+            return ((w - w.mean()) / n).numpy()
+
+        top = _arpack_top(matvec, n, np.float64)
+    return {"top_eig": top, "trace": trace, "method": "kronecker", "num_samples": n, "dim": None}
+
+
+# Below this N the centred Gram's eigvalsh is as quick as ARPACK (float64, 2-core CPU).
+GRAM_EIGVALSH_N = 128
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -236,7 +285,7 @@ def covariance_analysis(
     method: str = "auto",
     mode: str = "per_sample",
     batch_size: int | None = None,
-    per_sample: Params | None = None,
+    per_sample: Params | Callable[[], Params] | None = None,
     workspace: dict | None = None,
 ) -> dict:
     """Covariance spectra of per-sample (or minibatch) updates and gradients at one step.
@@ -246,14 +295,15 @@ def covariance_analysis(
         x, y: the samples, (N, in) and (N,) (or with the leading P = 1).
         chunk_size: samples (minibatches) per vectorized call for the gradients and the
             optimizer replay; None picks a memory-bounded default.
-        method: see :func:`update_covariance`.
+        method: see :func:`update_covariance`; ``auto`` also takes the exact shortcuts of
+            the module docstring.
         mode: ``per_sample`` (one gradient per sample) or ``minibatch`` (the study's: the first
             ``N // batch_size * batch_size`` samples cut, in order, into disjoint minibatches of
             ``batch_size``, one gradient per minibatch's mean loss; at least 2 minibatches).
         batch_size: B of ``minibatch`` mode (required there, ignored otherwise).
         per_sample: the per-sample gradients of ``x``, ``y`` at ``params`` where the caller
-            has them (``callbacks.base.per_sample_grads_cached``; only read); ``per_sample``
-            mode only.
+            has them, or a function that returns them, called only if they are needed
+            (``callbacks.base.per_sample_grads_cached``; only read); ``per_sample`` mode only.
         workspace: a dict the caller keeps between calls: the (N, D) rows are written into
             the buffer it holds (a fresh 65 MB tensor per step costs more than its arithmetic).
 
@@ -281,19 +331,41 @@ def covariance_analysis(
     if optimizee.batchnorm and chunk_size is None:
         chunk_size = batchnorm_chunk(n)
     workspace = {} if workspace is None else workspace
+    # method="auto" takes the exact shortcuts (see the module docstring); gram and lanczos
+    # always form the (N, D) rows: the reference the shortcuts are tested against.
+    gain = linear_gain(opt, state) if method == "auto" else None
+    gram_of = getattr(optimizee, "per_sample_gram", None)
+    if method != "auto" or optimizee.batchnorm:
+        gram_of = None
+
+    def grads() -> Params:
+        if per_sample is None:
+            return per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
+        return per_sample() if callable(per_sample) else per_sample
+
     with torch.no_grad():
         _, full_grad = grads_of(optimizee.loss, params, x, y)
-        full_update, _ = opt.update(full_grad, state, params)  # new state discarded
-        g = per_sample
-        if g is None:
-            g = per_sample_grads(optimizee, params, x, y, chunk_size=chunk_size)
-        # One (N, D) buffer for both: the gradients' rows, centred, then the updates'.
-        rows = centred_rows(g, full_grad, workspace.get("rows"))
-        grad_cov = _spectrum(rows, method)
-        rows = replay_rows(opt, g, state, params, full_update, rows, chunk_size)
+        g, rows = None, workspace.get("rows")
+        if gram_of is not None:
+            grad_cov = {**gram_spectrum(gram_of(params, x, y)), "dim": optimizee.num_params}
+        else:
+            # One (N, D) buffer for both: the gradients' rows, centred, then the updates'.
+            g = grads()
+            rows = centred_rows(g, full_grad, rows)
+            grad_cov = _spectrum(rows, method)
+        if gain is not None:  # u_i - U(g) = gain (g_i - g): K_update = gain^2 K_grad
+            upd_cov = {
+                **grad_cov,
+                "top_eig": gain**2 * grad_cov["top_eig"],
+                "trace": gain**2 * grad_cov["trace"],
+            }
+        else:
+            full_update, _ = opt.update(full_grad, state, params)  # new state discarded
+            g = grads() if g is None else g
+            rows = replay_rows(opt, g, state, params, full_update, rows, chunk_size)
+            upd_cov = _spectrum(rows, method)
+            workspace["rows"] = rows
         del g  # the caller's cache may keep its copy
-        upd_cov = _spectrum(rows, method)
-        workspace["rows"] = rows
     return _result(upd_cov, grad_cov, mode)
 
 

@@ -15,6 +15,13 @@ per-minibatch updates: :func:`replay`.
 An optimizer may also implement ``opt.replay(grads, state, params) -> updates``: the same
 numbers as ``update`` on a batch of gradients, computed faster by sharing what the batch shares
 (the LSTM optimizer does: :mod:`l2o.lstm_replay`). :func:`replay` uses it when it is there.
+
+And ``opt.linear_gain(state) -> float``, where the update is ``c * g + b`` for every gradient
+``g`` under that state (``b`` not depending on ``g``): SGD's, with any momentum, dampening,
+Nesterov or weight decay. Then the update noise is exactly ``c`` times the gradient noise, and
+the covariance analysis takes the update covariance as ``c**2`` times the gradient's instead of
+replaying (:func:`linear_gain`). The tail index still replays: its pooled estimate reads
+noise entries at rounding level, where ``c (g_i - g)`` and ``U(g_i) - U(g)`` differ.
 """
 
 from __future__ import annotations
@@ -66,6 +73,14 @@ def replay(
     if own is not None:
         return own(grads, state, params)
     return chunked_replay(opt, grads, state, params, chunk_size)
+
+
+def linear_gain(opt: Optimizer, state: State) -> float | None:
+    """``c`` of an update that is ``c * g + b`` in the gradient ``g`` under ``state``, or None
+    where the optimizer does not declare one (or declares 0: no noise to read)."""
+    own = getattr(opt, "linear_gain", None)
+    gain = None if own is None else own(state)
+    return None if gain is None or gain == 0 else float(gain)
 
 
 def chunked_replay(
@@ -150,6 +165,15 @@ class SGD:
         )
         new_state = {"step": state["step"] + 1, "momentum": bufs}
         return tuple(-self.lr * d for d in direction), new_state
+
+    def linear_gain(self, state: State) -> float:
+        """The update is ``-lr * k * g`` plus terms free of ``g`` (weight decay, the momentum
+        buffer): ``k`` is 1 at the first step (the buffer starts as the gradient) and without
+        momentum, ``1 - dampening`` later, and Nesterov adds ``momentum`` times that."""
+        if self.momentum == 0:
+            return -self.lr
+        k = 1.0 if state["step"] == 0 else 1.0 - self.dampening
+        return -self.lr * (1.0 + self.momentum * k if self.nesterov else k)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,12 @@ def test_per_tensor_alphas_match_layer_alphas_of_the_dense_noise(tmp_path, opt_n
                     got = run.recorded(f"tail_index/{kind}/{stat}/{name}")[snap.step]
                     assert math.isfinite(got), (kind, stat, name)
                     rel = 1e-3 if stat == "standardized" else 1e-4
+                    if opt_name == "lstm" and stat == "standardized":
+                        # The LSTM's fast replay and its per-minibatch updates round
+                        # differently (~1e-7 of |u|), and at step 1 some noise entries are that
+                        # small (3.7e-9 beside a median 1.5e-4): the standardized estimate
+                        # reads them, 0.6% apart on an Intel Xeon (< 0.1% on an AMD EPYC).
+                        rel = 1e-2
                     assert got == pytest.approx(want[stat], rel=rel), (kind, stat, name)
     # SGD's update noise is -lr x its gradient noise: every tensor's alpha is the gradient's
     if opt_name == "sgd":
@@ -166,3 +172,20 @@ def test_evaluate_sets_the_options_through_analyses():
     tail, cov = parser.instantiate_classes(cfg).analyses
     assert (tail.noise_center, tail.every_n_steps) == ("mean_update", 5)
     assert (cov.covariance_mode, cov.num_samples) == ("minibatch", None)
+
+
+@pytest.mark.parametrize(
+    "opt", [SGD(lr=LR, momentum=0.9), SGD(lr=LR, momentum=0.9, nesterov=True, weight_decay=0.1)]
+)
+def test_sgd_update_alphas_are_the_replayed_ones(tmp_path, opt):
+    """SGD's update is linear in the gradient (``linear_gain``): the callback takes the update's
+    alphas from the gradient noise instead of replaying. They must be what the dense replay of
+    every minibatch through ``opt.update`` gives, at the first step (momentum buffer = the
+    gradient) and later ones."""
+    run = Run(tmp_path, opt, [TailIndex(1, analysis_batches=8)], steps=3)
+    for snap in run.keep.snapshots:
+        _, update, _ = dense_noise(snap, opt, 8)
+        want = noise_alphas(update)
+        for stat in ("pooled", "robust", "standardized", "zero_fraction", "atom_fraction"):
+            got = run.recorded(f"tail_index/update/{stat}")[snap.step]
+            assert got == pytest.approx(want[stat], rel=1e-4, abs=1e-9), (stat, snap.step)

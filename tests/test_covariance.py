@@ -301,3 +301,107 @@ def test_minibatch_mode_errors():
         covariance_analysis(opt, sgd, state, params, x, y, mode="minibatch", batch_size=8)
     with pytest.raises(ValueError, match="mode must be one of"):
         covariance_analysis(opt, sgd, state, params, x, y, mode="per_minibatch")
+
+
+# ------------------------------------------------------------------ the exact shortcuts of auto
+@pytest.mark.parametrize(
+    ("sizes", "activation"), [((6, 5, 3), "leaky_relu"), ((6, 5, 4, 3), "tanh")]
+)
+@pytest.mark.parametrize("population", [1, 2])
+def test_per_sample_gram_is_the_gram_of_the_per_sample_gradients(sizes, activation, population):
+    opt = MLPOptimizee(sizes, activation)
+    params = opt.init(population, torch.Generator().manual_seed(11), dtype=torch.float64)
+    x, y = _data(25, sizes[0], classes=sizes[-1])
+    x, y = x.expand(population, -1, -1), y.expand(population, -1)
+    grads = per_sample_grads(opt, params, x, y)  # (N, P, *shape)
+    rows = torch.cat([g.transpose(0, 1).flatten(2) for g in grads], dim=2)  # (P, N, D)
+    dense = rows @ rows.transpose(1, 2)
+    torch.testing.assert_close(opt.per_sample_gram(params, x, y), dense, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        MLPOptimizee(sizes, batchnorm=True).per_sample_gram(params, x, y)
+
+
+@pytest.mark.parametrize("n", [40, 300])  # eigvalsh below GRAM_EIGVALSH_N, ARPACK above
+def test_gram_spectrum_is_the_spectrum_of_the_centred_rows(n):
+    from l2o.covariance import GRAM_EIGVALSH_N, gram_spectrum
+
+    assert 40 < GRAM_EIGVALSH_N < 300
+    gen = torch.Generator().manual_seed(12)
+    # rows with a large common mean (the centring must remove it) and a spread spectrum
+    rows = torch.randn(n, 60, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 60)
+    rows = rows + 5.0
+    top, trace = _dense_reference(rows, None)
+    got = gram_spectrum(rows @ rows.t())
+    assert got["top_eig"] == pytest.approx(top, rel=1e-9)
+    assert got["trace"] == pytest.approx(trace, rel=1e-9)
+    assert gram_spectrum(torch.ones(n, n))["top_eig"] == 0.0  # identical rows: no spread
+
+
+def _stepped(opt, params, steps=2, seed=13):
+    """The optimizer's state after ``steps`` updates of random gradients (past its zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = opt.init_state(params)
+    for _ in range(steps):
+        fake = tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1 for p in params)
+        _, state = opt.update(fake, state, params)
+    return state
+
+
+@pytest.mark.parametrize(
+    "sgd",
+    [
+        SGD(lr=0.1, momentum=0.0),
+        SGD(lr=0.05, momentum=0.9),
+        SGD(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+        SGD(lr=0.05, momentum=0.8, nesterov=True),
+    ],
+)
+@pytest.mark.parametrize("steps", [0, 2])  # the first step's buffer is the gradient itself
+def test_sgd_linear_gain_is_the_slope_of_its_update(sgd, steps):
+    from l2o.optimizers import linear_gain
+
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(14), dtype=torch.float64)
+    state = _stepped(sgd, params, steps)
+    gen = torch.Generator().manual_seed(15)
+    g1, g2 = (
+        tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params) for _ in "ab"
+    )
+    u1, u2 = sgd.update(g1, state, params)[0], sgd.update(g2, state, params)[0]
+    c = linear_gain(sgd, state)
+    for a, b, s, t in zip(u1, u2, g1, g2, strict=True):
+        torch.testing.assert_close(a - b, c * (s - t), rtol=1e-12, atol=1e-14)
+    assert linear_gain(Adam(), state) is None  # nonlinear optimizers declare none
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd-m", "sgd-nesterov", "adam", "lstm"])
+@pytest.mark.parametrize("sizes", [(6, 5, 3), (6, 5, 4, 3)])
+def test_auto_shortcuts_equal_the_dense_reference(opt_name, sizes):
+    """method="auto" (Kronecker Gram for the gradients; gain^2 for SGD's updates) against
+    "lanczos" (every (N, D) row formed): the same spectra. SGD forms no per-sample gradient."""
+    opt = MLPOptimizee(sizes)
+    params = opt.init(1, torch.Generator().manual_seed(16), dtype=torch.float64)
+    x, y = _data(200, sizes[0], classes=sizes[-1], seed=3)
+    optimizer = {
+        "sgd": SGD(lr=0.1, momentum=0.0),
+        "sgd-m": SGD(lr=0.05, momentum=0.9, dampening=0.2),
+        "sgd-nesterov": SGD(lr=0.05, momentum=0.9, nesterov=True),
+        "adam": Adam(lr=1e-3),
+        "lstm": LSTMOptimizer(hidden_size=6),
+    }[opt_name]
+    if opt_name == "lstm":  # a float32 module
+        params, x = tuple(p.float() for p in params), x.float()
+    state = _stepped(optimizer, params)
+    want = covariance_analysis(opt, optimizer, state, params, x, y, method="lanczos")
+    asked = []
+
+    def per_sample():
+        asked.append(True)
+        return per_sample_grads(opt, params, x, y)
+
+    got = covariance_analysis(opt, optimizer, state, params, x, y, per_sample=per_sample)
+    rel = 1e-4 if opt_name == "lstm" else 1e-9  # float32 LSTM: rounding of the two routes
+    for key in ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace"):
+        assert got[key] == pytest.approx(want[key], rel=rel), key
+    assert got["dim"] == want["dim"] == opt.num_params and got["num_samples"] == 200
+    assert bool(asked) == (not opt_name.startswith("sgd"))
