@@ -4,7 +4,8 @@
     python bench/covariance_shortcuts.py --quick                 # steps 1 and 20 only
 
 Setting: the study's 784-20-10 Leaky ReLU optimizee, N = 1,024 training images (the
-covariance's default), each optimizer along its own meta-test trajectory (batch 128). At a few
+covariance's default), each optimizer of ``bench/meta_test.py`` (sgd, sgd-m, adam, lion at
+fixed rates and an untrained study-size LSTM) along its own trajectory (batch 128). At a few
 of its steps ``l2o.covariance.covariance_analysis`` runs twice on the same state:
 
 * ``auto``: the gradient covariance from the Kronecker Gram matrix of the per-sample gradients
@@ -29,29 +30,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from meta_train import cpu_flags  # noqa: E402  (bench/ is the script's folder: on sys.path)
+from meta_test import OPTIMIZEE, optimizers  # noqa: E402  (bench/ is the script's folder: on sys.path)
+from meta_train import cpu_flags  # noqa: E402
 
 from l2o.covariance import covariance_analysis  # noqa: E402
 from l2o.data import MNISTDataModule  # noqa: E402
 from l2o.inner import inner_step  # noqa: E402
-from l2o.lstm import LSTMOptimizer  # noqa: E402
 from l2o.meta_testing import init_optimizee  # noqa: E402
-from l2o.optimizees import MLPOptimizee  # noqa: E402
-from l2o.optimizers import SGD, Adam, Lion  # noqa: E402
 
-OPTIMIZEE = MLPOptimizee((784, 20, 10), "leaky_relu")
 KEYS = ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace")
-
-
-def optimizers() -> dict[str, object]:
-    torch.manual_seed(0)
-    return {
-        "sgd": SGD(lr=0.5, momentum=0.0),
-        "sgd-m": SGD(lr=0.1, momentum=0.9),
-        "adam": Adam(lr=1e-2),
-        "lion": Lion(lr=1e-3),
-        "lstm": LSTMOptimizer(),  # untrained, study size: replays cost what a trained one's do
-    }
 
 
 def timed(fn, *args, **kwargs):

@@ -212,9 +212,9 @@ def _arpack_top(matvec, dim: int, dtype) -> float:
     return float(vals[0])
 
 
-def gram_spectrum(gram: Tensor) -> dict:
+def gram_spectrum(gram: Tensor, dim: int | None = None) -> dict:
     """:func:`update_covariance` of rows known only through their Gram matrix
-    ``G_ij = <g_i, g_j>`` (N x N), centred on their mean.
+    ``G_ij = <g_i, g_j>`` (N x N), centred on their mean; ``dim``: their length D, reported.
 
     With H = I - 11^T / N the centring, K's nonzero spectrum is that of H G H / N, and
     ``trace K = (trace G - N mean(G)) / N``. Float64 throughout; H G H is applied, never formed
@@ -234,7 +234,7 @@ def gram_spectrum(gram: Tensor) -> dict:
             return ((w - w.mean()) / n).numpy()
 
         top = _arpack_top(matvec, n, np.float64)
-    return {"top_eig": top, "trace": trace, "method": "kronecker", "num_samples": n, "dim": None}
+    return {"top_eig": top, "trace": trace, "method": "kronecker", "num_samples": n, "dim": dim}
 
 
 # Below this N the centred Gram's eigvalsh is as quick as ARPACK (float64, 2-core CPU).
@@ -347,7 +347,7 @@ def covariance_analysis(
         _, full_grad = grads_of(optimizee.loss, params, x, y)
         g, rows = None, workspace.get("rows")
         if gram_of is not None:
-            grad_cov = {**gram_spectrum(gram_of(params, x, y)), "dim": optimizee.num_params}
+            grad_cov = gram_spectrum(gram_of(params, x, y), optimizee.num_params)
         else:
             # One (N, D) buffer for both: the gradients' rows, centred, then the updates'.
             g = grads()
