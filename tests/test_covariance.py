@@ -405,3 +405,20 @@ def test_auto_shortcuts_equal_the_dense_reference(opt_name, sizes):
         assert got[key] == pytest.approx(want[key], rel=rel), key
     assert got["dim"] == want["dim"] == opt.num_params and got["num_samples"] == 200
     assert bool(asked) == (not opt_name.startswith("sgd"))
+
+
+def test_auto_takes_the_rows_route_past_kronecker_max_n(monkeypatch):
+    """Past KRONECKER_MAX_N samples the N x N Gram costs more than the (N, D) rows: auto forms
+    the rows (and still takes SGD's gain), with the same numbers."""
+    import l2o.covariance as cov
+
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(17), dtype=torch.float64)
+    x, y = _data(60, 6)
+    sgd = SGD(lr=0.1, momentum=0.0)
+    small = covariance_analysis(opt, sgd, sgd.init_state(params), params, x, y)
+    monkeypatch.setattr(cov, "KRONECKER_MAX_N", 59)
+    big = covariance_analysis(opt, sgd, sgd.init_state(params), params, x, y)
+    assert small["method"] == "kronecker" and big["method"] == "gram"  # N = 60 <= GRAM_MAX_N
+    for key in ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace"):
+        assert big[key] == pytest.approx(small[key], rel=1e-9), key
