@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -181,8 +184,16 @@ class UpdateCovariance(Analysis):
             per_sample=per_sample,
             workspace=self._workspace,
         )
-        return {
+        out = {
             f"covariance/{k}/{s}": float(res[f"{k}_{s}"])
             for k in ("update", "grad")
             for s in STATISTICS
         }
+        bad = [tag for tag, value in out.items() if not math.isfinite(value)]
+        if bad:  # an optimizee overflowing on the analysis set: NaN logged, the run goes on
+            warnings.warn(
+                f"UpdateCovariance: non-finite per-sample gradients or updates at step "
+                f"{snapshot.step} ({', '.join(bad)}); logging NaN",
+                stacklevel=2,
+            )
+        return out

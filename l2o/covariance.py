@@ -35,11 +35,12 @@ skip the shortcuts: the reference the tests hold them to (equal to ~1e-6).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch import Tensor
 
 from l2o.optimizees import Optimizee, Params, grads_of
@@ -160,10 +161,22 @@ def _spectrum(a: Tensor, method: str = "auto", gram_max_n: int = GRAM_MAX_N) -> 
     if trace == 0.0:
         top = 0.0
     elif method == "gram" or min(n, dim) < 3:  # ARPACK needs k < size - 1
-        top = float(torch.linalg.eigvalsh((a @ a.t()).double() / n)[-1])
+        top = _or_nan(trace, lambda: float(torch.linalg.eigvalsh((a @ a.t()).double() / n)[-1]))
     else:
-        top = _lanczos_top(a)
+        top = _or_nan(trace, lambda: _lanczos_top(a))
     return {"top_eig": top, "trace": trace, "method": method, "num_samples": n, "dim": dim}
+
+
+def _or_nan(trace: float, top) -> float:
+    """``top()``, or NaN where the rows overflow (a diverging optimizee): a non-finite trace,
+    or an eigensolver that fails on them. The analysis logs NaN and the run goes on."""
+    if not math.isfinite(trace):
+        return math.nan
+    try:
+        value = top()
+    except (ArpackError, torch.linalg.LinAlgError):
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 # Lanczos vectors ARPACK keeps (its ncv). Its default, 20 for one eigenvalue, spends 21 matvecs
@@ -223,9 +236,11 @@ def gram_spectrum(gram: Tensor, dim: int | None = None) -> dict:
     n = gram.shape[-1]
     g = gram.detach().reshape(n, n).double()
     trace = float(torch.diagonal(g).sum() - n * g.mean()) / n
-    if n <= GRAM_EIGVALSH_N or trace == 0.0:
+    if trace == 0.0:
+        top = 0.0
+    elif n <= GRAM_EIGVALSH_N:
         centred = g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
-        top = float(torch.linalg.eigvalsh(centred / n)[-1]) if trace != 0.0 else 0.0
+        top = _or_nan(trace, lambda: float(torch.linalg.eigvalsh(centred / n)[-1]))
     else:
 
         def matvec(v: np.ndarray) -> np.ndarray:
@@ -233,7 +248,7 @@ def gram_spectrum(gram: Tensor, dim: int | None = None) -> dict:
             w = g @ (v - v.mean())
             return ((w - w.mean()) / n).numpy()
 
-        top = _arpack_top(matvec, n, np.float64)
+        top = _or_nan(trace, lambda: _arpack_top(matvec, n, np.float64))
     return {"top_eig": top, "trace": trace, "method": "kronecker", "num_samples": n, "dim": dim}
 
 

@@ -415,3 +415,22 @@ def test_bad_arguments_and_data_are_clear():
     UpdateCovariance(num_samples=160).check(tiny_data())
     with pytest.raises(ValueError, match="fewer than 2 minibatches"):
         TailIndex().check(tiny_data(n_train=BATCH + 1))
+
+
+def test_covariance_of_an_overflowing_optimizee_warns_and_logs_nan(tmp_path):
+    """A step whose params overflow on the analysis set (a run about to diverge): the callback
+    logs NaN with a warning instead of ending the experiment with an eigensolver error."""
+    import dataclasses
+    import types
+
+    cb = UpdateCovariance(every_n_steps=1, num_samples=64, seed=3)
+    run = Run(tmp_path, SGD(lr=LR, momentum=0.0), [cb], steps=1)
+    snap = run.keep.snapshots[0]
+    huge = dataclasses.replace(snap, params=(snap.params[0] * 1e30, *snap.params[1:]), cache={})
+    trainer = types.SimpleNamespace(datamodule=tiny_data())
+    with pytest.warns(UserWarning, match="non-finite per-sample gradients"):
+        got = cb.compute(huge, trainer)
+    assert math.isnan(got["covariance/grad/top_eig"]) and math.isnan(
+        got["covariance/update/top_eig"]
+    )
+    assert all(math.isfinite(v) for v in cb.compute(snap, trainer).values())  # the real step

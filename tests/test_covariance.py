@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -422,3 +424,23 @@ def test_auto_takes_the_rows_route_past_kronecker_max_n(monkeypatch):
     assert small["method"] == "kronecker" and big["method"] == "gram"  # N = 60 <= GRAM_MAX_N
     for key in ("update_top_eig", "update_trace", "grad_top_eig", "grad_trace"):
         assert big[key] == pytest.approx(small[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("method", ["auto", "lanczos", "gram"])
+def test_non_finite_gradients_give_nan_not_an_arpack_error(method):
+    """An optimizee that overflows on the analysis set (a diverging run) has no spectrum: NaN,
+    where ARPACK used to raise and end the whole experiment."""
+    opt = MLPOptimizee((6, 5, 3))
+    params = opt.init(1, torch.Generator().manual_seed(18))
+    x, y = _data(200, 6, dtype=torch.float32)
+    for scale in (1e30, math.nan):  # gradients that overflow when squared; NaN ones
+        at = (params[0] * scale, *params[1:])
+        for optimizer in (SGD(lr=0.1, momentum=0.0), Adam()):
+            got = covariance_analysis(
+                opt, optimizer, optimizer.init_state(at), at, x, y, method=method
+            )
+            assert math.isnan(got["grad_top_eig"])
+            if optimizer.name == "sgd" or math.isnan(scale):
+                assert math.isnan(got["update_top_eig"])
+            else:  # Adam's updates of huge gradients are bounded: a spectrum of their own
+                assert math.isfinite(got["update_top_eig"]) and got["update_top_eig"] > 0
