@@ -364,7 +364,10 @@ def covariance_analysis(
         return per_sample() if callable(per_sample) else per_sample
 
     with torch.no_grad():
-        _, full_grad = grads_of(optimizee.loss, params, x, y)
+        # The full-batch gradient centres the rows; with both shortcuts no row is formed.
+        full_grad = None
+        if gram_of is None or gain is None:
+            _, full_grad = grads_of(optimizee.loss, params, x, y)
         g, rows = None, workspace.get("rows")
         if gram_of is not None:
             grad_cov = gram_spectrum(gram_of(params, x, y), optimizee.num_params)
